@@ -1,0 +1,1 @@
+"""LoRA / LoCon networks in kohya format: naming, targets, modules, inject/restore, files."""
