@@ -1,9 +1,8 @@
 """Reading a dataset folder: `N_concept` sub-folders, their images and captions, and what had to be left out.
 
-This is the only part of the dataset that walks folders. Every image is decoded once here (through the shared
-`imagefiles.open_image_rgb`, so EXIF rotation and alpha are handled as everywhere else): a broken file is found
-and listed before training starts, never half-way through an epoch, and the size used for buckets is the size
-after rotation.
+This is the only part of the dataset that walks folders. Every image is decoded once here (`imagefiles.image_size`:
+JPEGs at reduced scale, the size as `open_image_rgb` returns it after EXIF rotation): a broken file is found and
+listed before training starts, never half-way through an epoch, and buckets use the size after rotation.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from ..captions import caption_path, read_caption
 from ..errors import BadInput, IncompatibleFile
-from ..imagefiles import is_image_file, iter_image_files, open_image_rgb
+from ..imagefiles import image_size, is_image_file, iter_image_files
 
 Size = tuple[int, int]
 _CONCEPT = re.compile(r"^(\d+)_(.*)$")
@@ -86,8 +85,7 @@ def _scan_folder(folder: Path, root_tag: str, repeats: int, concept: str, is_reg
     images = []
     for path in iter_image_files(folder):
         try:
-            with open_image_rgb(path) as img:
-                size = img.size
+            size = image_size(path)
             caption = read_image_caption(path, caption_extension)
         except IncompatibleFile as exc:
             skipped.append(Skipped(path, f"unreadable image ({_cause(exc)})"))

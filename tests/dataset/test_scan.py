@@ -8,6 +8,8 @@ from lib_lora.dataset.loader import Dataset
 from lib_lora.dataset.options import DatasetOptions, parse_resolution, validate_options
 from lib_lora.dataset.scan import parse_concept_folder, scan_root
 from lib_lora.errors import BadInput
+from lib_lora.imagefiles import open_image_rgb
+from tests.fixtures.images import pattern_image
 
 from .conftest import add_image, small_options
 
@@ -40,11 +42,14 @@ def test_broken_images_skipped_and_listed_odd_folders_ignored(tmp_path):
     bad = add_image(root / "2_ok", "bad.png")
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
     (root / "2_ok" / "zero.jpg").write_bytes(b"")
+    pattern_image(5, (256, 192)).save(root / "2_ok" / "cut.jpg", quality=90)
+    data = (root / "2_ok" / "cut.jpg").read_bytes()
+    (root / "2_ok" / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])  # truncated JPEG (decoded at 1/8 scale)
     add_image(root / "nonumber", "x.png")
     add_image(root, "loose.png")
     ds = Dataset.build(small_options(root))
     assert [p.entry.path.name for p in ds.images] == ["good.png"]
-    assert sorted(s.path.name for s in ds.skipped) == ["bad.png", "zero.jpg"]
+    assert sorted(s.path.name for s in ds.skipped) == ["bad.png", "cut.jpg", "zero.jpg"]
     assert all("unreadable image" in s.reason for s in ds.skipped)
     assert {s.path.name for s in ds.ignored} == {"nonumber", "loose.png"}
     text = "\n".join(ds.summary_lines())
@@ -63,7 +68,7 @@ def test_exif_rotation_decides_the_bucket_and_alpha_becomes_white(tmp_path):
     clear.save(folder / "alpha.png")
     ds = Dataset.build(small_options(root, train_batch_size=1))
     by_name = {p.entry.path.name: p for p in ds.images}
-    assert by_name["rot.jpg"].entry.size == (48, 96)
+    assert by_name["rot.jpg"].entry.size == (48, 96) == open_image_rgb(folder / "rot.jpg").size
     bw, bh = by_name["rot.jpg"].choice.bucket
     assert bh > bw  # portrait bucket
     spec = next(s for s in ds.epoch_batches(1) if ds.images[s.items[0].image].entry.path.name == "alpha.png")
