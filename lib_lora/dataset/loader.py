@@ -9,6 +9,7 @@ counts them, so step counts match what users know.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import BadInput
@@ -136,6 +137,8 @@ class Dataset:
         ignored = [*train_scan.ignored, *reg_scan.ignored, *val_scan.ignored]
         if not train_scan.images:
             raise BadInput(_nothing_to_train(options.train_data_dir, train_scan))
+        if options.reg_data_dir and not reg_scan.images:
+            ignored.append(Skipped(Path(options.reg_data_dir), "reg_data_dir holds no image in an N_concept folder"))
         if options.validation_data_dir and not val_scan.images:
             raise BadInput(f"validation_data_dir holds no readable image: {options.validation_data_dir}")
 
@@ -356,7 +359,7 @@ class Dataset:
         for (role, folder), members in folders.items():
             missing = sum(p.entry.caption_missing for p in members)
             uses = sum(p.repeats for p in members)
-            text = f"{role:<10} {folder}: {len(members)} images"
+            text = f"{role:<10} {folder}: {len(members)} image{'s' if len(members) != 1 else ''}"
             if role == "train":
                 text += f" x {members[0].entry.repeats} repeats = {uses}"
             elif role == "reg":

@@ -98,6 +98,9 @@ def test_nothing_to_train_is_a_clear_error(tmp_path, layout):
 def test_missing_reg_and_validation_folders(two_concepts, tmp_path):
     with pytest.raises(BadInput, match="reg_data_dir"):
         Dataset.build(small_options(two_concepts, reg_data_dir=str(tmp_path / "nope")))
+    (tmp_path / "emptyreg").mkdir()
+    ds = Dataset.build(small_options(two_concepts, reg_data_dir=str(tmp_path / "emptyreg")))
+    assert ds.num_reg_images == 0 and "reg_data_dir holds no image" in ds.ignored[0].reason
     with pytest.raises(BadInput, match="validation_data_dir"):
         Dataset.build(small_options(two_concepts, validation_data_dir=str(tmp_path / "nope")))
 
