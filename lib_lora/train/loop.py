@@ -344,15 +344,17 @@ class Run:
     def _save_lora(self, path, epoch: int) -> Iterator[Event]:
         if not self.dist.is_main:
             return
-        md = training_metadata(
-            self.cfg, arch=self.backend.arch, prediction_type=self.pred_type, dataset=self.data, session_id=self.state.session_id,
-            started_at=self.state.started_at, epoch=epoch, num_epochs=self.plan.epochs, step=self.state.global_step,
+        st = self.state
+        training = training_metadata(
+            self.cfg, arch=self.backend.arch, prediction_type=self.pred_type, dataset=self.data, session_id=st.session_id,
+            started_at=st.started_at, epoch=epoch, num_epochs=self.plan.epochs, step=st.global_step,
             total_steps=self.plan.total_steps, batches_per_epoch=self.plan.batches_per_epoch, optimizer_name=self.setup.name,
             seed=self.seed, world=self.dist.world, model_name=getattr(self.backend, "model_name", None))
-        sidecar = {"activation_text": activation_text(self.data), "sd_version": {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[self.backend.arch]}
-        save_network(self.net, path, md, self.cfg.save_precision, sidecar)
+        save_network(self.net, path, self.cfg, training, arch=self.backend.arch, v_prediction=self.pred_type == "v_prediction",
+                     dataset=self.data, epoch=epoch, steps=st.global_step, started_at=st.started_at, session_id=st.session_id,
+                     base_model=training.get("ss_sd_model_name"), activation_text=activation_text(self.data))
         self.files.append(str(path))
-        self.state.saved_files = list(self.files)
+        st.saved_files = list(self.files)
         yield Saved(str(path), epoch)
 
     def _sample(self, epoch: int) -> Iterator[Event]:

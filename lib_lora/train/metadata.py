@@ -1,10 +1,8 @@
 """The `ss_*` training keys of a LoRA file's header, as sd-scripts' train_network writes them (lora-format.md 4.1).
 
 Every value is `str(v)` the way sd-scripts writes it (None -> "None", booleans "True"/"False", the resolution
-as "(W, H)"), JSON for the dataset tables. The webui reads `ss_output_name`, `ss_sd_model_name`, `ss_clip_skip`,
-`ss_resolution`, `ss_num_train_images`, `ss_tag_frequency`, `ss_dataset_dirs`, `ss_bucket_info`,
-`ss_training_started_at`, `ss_base_model_version` and `ss_v2`. Hashes and `modelspec.*` are added by
-`lib_lora.network` when the file is written.
+as "(W, H)"), JSON for the dataset tables. These are the run's settings and counts; `lib_lora.network.build_metadata`
+adds the network, model, dataset-table and `modelspec.*` keys (its explicit values win) and `save_lora` the hashes.
 """
 
 from __future__ import annotations
@@ -105,15 +103,9 @@ def training_metadata(
         raw = (a.partition("=") for a in cfg.network_args)
         md["ss_network_args"] = json.dumps({k.strip(): v.strip() for k, _, v in raw})
     out = {k: str(v) for k, v in md.items()}
-    for key, method, kwargs in (
-        ("ss_dataset_dirs", "dataset_dirs", {}),
-        ("ss_reg_dataset_dirs", "dataset_dirs", {"reg": True}),
-        ("ss_tag_frequency", "tag_frequency", {}),
-        ("ss_bucket_info", "bucket_info", {}),
-    ):
-        fn = getattr(dataset, method, None)
-        if fn is not None:
-            out[key] = json.dumps(fn(**kwargs))
+    reg_dirs = getattr(dataset, "dataset_dirs", None)
+    if reg_dirs is not None:
+        out["ss_reg_dataset_dirs"] = json.dumps(reg_dirs(reg=True))
     return out
 
 

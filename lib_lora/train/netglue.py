@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, effective_lrs
+from .config import TrainConfig, effective_lrs, resolution_wh
 
 
 def network_config(cfg: TrainConfig):
@@ -43,11 +43,20 @@ def load_weights(network: Any, path: str) -> None:
     network.load_kohya(tensors)
 
 
-def save_network(network: Any, path: Path, metadata: dict[str, str], precision: str, sidecar: dict[str, str] | None) -> Path:
-    """Write `path` (atomic, with hashes and modelspec added by the network package) and its `.json` sidecar."""
-    from ..network import save_lora, write_sidecar
+def save_network(network: Any, path: Path, cfg: TrainConfig, training: dict[str, str], *, arch: str, v_prediction: bool,
+                 dataset: Any, epoch: int, steps: int, started_at: float, session_id: int, base_model: str | None,
+                 activation_text: str) -> Path:
+    """Write `path` with every ss_* / modelspec.* key (the network package adds the hashes) and its `.json` sidecar
+    (activation text = the concept names, sd version for the webui's filter)."""
+    from ..network import build_metadata, save_lora, write_sidecar
 
-    save_lora(path, network.state_dict(), metadata, precision)
-    if sidecar is not None:
-        write_sidecar(path, **sidecar)
-    return path
+    tables = {name: getattr(dataset, name)() for name in ("tag_frequency", "dataset_dirs", "bucket_info") if hasattr(dataset, name)}
+    meta = build_metadata(
+        arch=arch, output_name=Path(path).stem, network=network.cfg, v_prediction=v_prediction,
+        resolution=resolution_wh(cfg), clip_skip=cfg.clip_skip, training=training, base_model=base_model, epoch=epoch,
+        steps=steps, started_at=started_at, session_id=session_id, description=cfg.training_comment or None,
+        trigger_phrase=activation_text or None, **tables,
+    )
+    save_lora(path, network, meta, cfg.save_precision)
+    write_sidecar(path, activation_text=activation_text, sd_version=arch)
+    return Path(path)

@@ -94,8 +94,10 @@ def plan_from_folders(cfg: TrainConfig, num_processes: int = 1) -> StepPlan:
     """The plan from the folders alone (no buckets: each batch is full), for the tab and the CLI preview."""
     train = count_concepts(cfg.train_data_dir) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
     reg = count_concepts(cfg.reg_data_dir) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
+    from ..dataset.plan import split_counts
+
     held_out = cfg.validation_split if not cfg.validation_data_dir else 0.0
-    repeated = sum(c.repeats * (c.images - int(c.images * held_out)) for c in train)
+    repeated = sum(c.repeats * split_counts(c.images, held_out)[0] for c in train)
     return plan_steps(
         cfg,
         repeated_images=repeated,

@@ -133,8 +133,8 @@ def test_training_metadata_values():
     assert md["ss_resolution"] == "(768, 512)" and md["ss_clip_skip"] == "2" and md["ss_v2"] == "False"
     assert md["ss_base_model_version"] == "sd_v1" and md["ss_sd_model_name"] == "model.safetensors"
     assert md["ss_unet_lr"] == "0.0002" and md["ss_text_encoder_lr"] == "0.0001" and md["ss_network_dropout"] == "None"
-    assert json.loads(md["ss_dataset_dirs"])["10_mychar"]["img_count"] == 3 and json.loads(md["ss_reg_dataset_dirs"]) == {}
-    assert json.loads(md["ss_bucket_info"])["buckets"]["0"]["count"] == 30
+    assert json.loads(md["ss_reg_dataset_dirs"]) == {} and md["ss_num_train_images"] == "30"
+    assert md["ss_total_batch_size"] == "1" and md["ss_seed"] == "3" and md["ss_steps"] == "20"
     assert base_model_version("sd2", "v_prediction") == "sd_v2_v" and base_model_version("sdxl", "epsilon") == "sdxl_base_v1-0"
     assert activation_text(_Data()) == "mychar, other thing"
 
