@@ -112,8 +112,10 @@ def training_metadata(
 def activation_text(dataset: Any) -> str:
     """The concept names of the training folders (`10_mychar` -> `mychar`), the words a user types to use the LoRA."""
     dirs = getattr(dataset, "dataset_dirs", None)
+    table = dirs() if dirs else {}
     names = []
-    for folder in (dirs() if dirs else {}):
+    # the concept trained most (most repeats x images) first: it is usually the subject of the LoRA
+    for folder in sorted(table, key=lambda f: (-table[f].get("n_repeats", 1) * table[f].get("img_count", 1), f)):
         concept = folder.split("_", 1)[1] if "_" in folder and folder.split("_", 1)[0].isdigit() else folder
         if concept not in names:
             names.append(concept)
