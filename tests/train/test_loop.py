@@ -86,11 +86,11 @@ def _weights(path):
 
 def test_training_lowers_the_loss_on_a_fixed_eval_set(tmp_path, data_dir, backend, components):
     before = _snapshot(components)
-    cfg = _cfg(tmp_path, data_dir, validation_data_dir=str(data_dir), max_train_epochs=12, learning_rate=1e-2,
-               network_dim=8, network_alpha=8.0, save_every_n_epochs=12)
+    cfg = _cfg(tmp_path, data_dir, validation_data_dir=str(data_dir), max_train_epochs=8, learning_rate=1e-2,
+               network_dim=8, network_alpha=8.0, save_every_n_epochs=8)
     events = _run(cfg, backend)
     vals = [e for e in events if isinstance(e, Validation)]
-    assert [v.epoch for v in vals] == list(range(0, 13)) and vals[0].images == 6
+    assert [v.epoch for v in vals] == list(range(0, 9)) and vals[0].images == 6
     assert vals[-1].loss <= 0.7 * vals[0].loss, [round(v.loss, 4) for v in vals]
     done = events[-1]
     assert isinstance(done, Done) and done.best_epoch is not None
