@@ -145,17 +145,18 @@ def run(args: argparse.Namespace) -> int:
     bare_net = LoraNetwork(unet_targets(unet, "sd1", net_cfg), net_cfg).to(device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    bare = []
+    bare, bare_cpu = [], []
     with bare_net.inject():
         for i in range(args.warmup + args.steps):
             sync()
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
                 out = unet(x, t, encoder_hidden_states=cond).sample
             out.float().mean().backward()
             sync()
             if i >= args.warmup:
                 bare.append(time.perf_counter() - began)
+                bare_cpu.append(time.process_time() - began_cpu)
             bare_net.zero_grad(set_to_none=True)
     if args.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
@@ -169,13 +170,17 @@ def run(args: argparse.Namespace) -> int:
                           network_train_unet_only=True, max_train_steps=args.warmup + args.steps + 1, seed=0,
                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                           train_batch_size=args.batch, train_data_dir=out_dir)
-        stamps = []
+        stamps, cpu_stamps = [], []
         for ev in train(cfg, backend, _LatentData(x, args.batch)):
             if isinstance(ev, StepEnd):
                 sync()
                 stamps.append(time.perf_counter())
-    steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup - 1 if args.warmup else 0 :][: args.steps]
+                cpu_stamps.append(time.process_time())
+    skip = args.warmup - 1 if args.warmup else 0
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][skip:][: args.steps]
+    steps_cpu = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][skip:][: args.steps]
     bare_s, step_s = statistics.median(bare), statistics.median(steps)
+    bare_c, step_c = statistics.median(bare_cpu), statistics.median(steps_cpu)
     peak, kind = _peak(device)
     print(f"machine: {_machine(device)}")
     print(f"UNet {params / 1e6:.0f}M params, LoRA dim {args.dim} on {modules} modules, batch {args.batch}, "
@@ -183,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
           f"gradient_checkpointing {args.gradient_checkpointing}")
     print(f"bare forward+backward: {bare_s:.3f} s (median of {len(bare)})")
     print(f"training step:         {step_s:.3f} s (median of {len(steps)}), {1 / step_s:.2f} it/s")
-    print(f"ratio step / bare:     {step_s / bare_s:.3f}")
+    print(f"ratio step / bare:     {step_s / bare_s:.3f} (wall clock); {step_c / bare_c:.3f} (process CPU time: "
+          f"{bare_c:.3f} s vs {step_c:.3f} s, less sensitive to other load on the machine)")
     print(f"peak memory:           {peak:.2f} GiB ({kind})")
     return 0
