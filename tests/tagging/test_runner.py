@@ -268,3 +268,15 @@ def test_cli_bad_input_messages(wd14_dir, tmp_path, capsys):
     assert main(["tag", str(folder), "--model_dir", str(tmp_path / "half")]) == 1
     assert "missing selected_tags.csv" in capsys.readouterr().err
     assert not (folder / "red.txt").exists()
+
+
+def test_bench_tag_runs_on_the_tiny_model(capsys):
+    import json
+
+    assert main(["bench", "tag", "--count", "5", "--image_size", "96x64", "--batch_size", "2", "--repeat", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    runs = {row["run"]: row for row in report["results"]}
+    assert report["provider"] == "CPUExecutionProvider" or "CUDA" in report["provider"]
+    assert runs["one at a time (decode, then model, per image)"]["speedup"] == 1.0
+    assert all(row["images_per_s"] > 0 for row in report["results"]) and len(runs) == 8
