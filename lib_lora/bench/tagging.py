@@ -131,17 +131,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             model_dir = _tiny_model(tmp_path / "model", args.synthetic)
             model_name = f"synthetic {args.synthetic} WD14-contract model"
-        if args.images:
-            paths = list(iter_image_files(args.images))
-            if not paths:
-                raise BadInput(f"no images in {args.images}")
-            source = f"{len(paths)} images from {args.images}"
-        else:
-            (tmp_path / "images").mkdir()
-            paths = _synthetic_images(tmp_path / "images", args.count, args.image_size)
-            source = f"{len(paths)} synthetic JPEG photos {args.image_size}"
         tagger = _load(args, model_dir)
         try:
+            if args.images:
+                paths = list(iter_image_files(args.images))
+                if not paths:
+                    raise BadInput(f"no images in {args.images}")
+                source = f"{len(paths)} images from {args.images}"
+            else:
+                (tmp_path / "images").mkdir()
+                paths = _synthetic_images(tmp_path / "images", args.count, args.image_size)
+                source = f"{len(paths)} synthetic JPEG photos {args.image_size}"
             figures = _measure(tagger, paths, args.batch_size, args.workers, max(1, args.repeat))
         finally:
             tagger.close()
