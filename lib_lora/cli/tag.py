@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import BadInput
 from ..tagging.models import DEFAULT_BLIP_REPO, DEFAULT_WD14_REPO, locate_blip, locate_wd14
 from ..tagging.runner import MODES, plan_tagging, run_plan
 
@@ -82,7 +83,29 @@ class _Bar:
             self._bar.close()
 
 
+def _check_settings(args: argparse.Namespace) -> None:
+    """Setting errors before anything is downloaded or loaded."""
+    problems = []
+    if args.batch_size < 1:
+        problems.append(f"--batch_size must be at least 1 (got {args.batch_size})")
+    if args.workers is not None and args.workers < 0:
+        problems.append(f"--workers must be 0 or more (got {args.workers})")
+    for name in ("general_threshold", "character_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            problems.append(f"--{name} must be between 0 and 1 (got {getattr(args, name)})")
+    if args.tagger == "blip":
+        if args.num_beams < 1:
+            problems.append(f"--num_beams must be at least 1 (got {args.num_beams})")
+        if not 0 <= args.min_length <= args.max_length:
+            problems.append(f"--min_length ({args.min_length}) must be between 0 and --max_length ({args.max_length})")
+        if not 0.0 < args.top_p <= 1.0:
+            problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if problems:
+        raise BadInput("; ".join(problems))
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_settings(args)
     plan = plan_tagging(args.folder, args.mode, args.caption_extension, args.recursive)
     print(f"{len(plan.images)} images in {plan.folder}: {len(plan.to_tag)} to tag"
           + (f", {len(plan.skipped)} already captioned (skipped)" if plan.skipped else ""))

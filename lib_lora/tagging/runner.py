@@ -207,9 +207,31 @@ def _prepare(tagger: Tagger, path: Path) -> tuple[Any, str | None]:
 
 
 def _run_batch(tagger: Tagger, batch: list[tuple[Path, Any]]):
-    results = tagger.tag_batch([prepared for _, prepared in batch])
+    results = _tag_splitting_on_oom(tagger, [prepared for _, prepared in batch])
     for (path, _), tags in zip(batch, results):
         yield path, tags, None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch ('CUDA out of memory'), onnxruntime ('Failed to allocate memory') and plain MemoryError."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "failed to allocate memory" in text
+
+
+def _tag_splitting_on_oom(tagger: Tagger, prepared: list[Any]) -> list[list[str]]:
+    """Run a batch; when it does not fit in memory, run its halves instead (down to one image)."""
+    try:
+        return tagger.tag_batch(prepared)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if len(prepared) == 1:
+            raise BadInput(
+                f"out of memory tagging a single image ({str(exc).strip().splitlines()[0][:200]}); "
+                "close other GPU work, use --device cpu or a smaller model"
+            ) from exc
+    half = len(prepared) // 2
+    return _tag_splitting_on_oom(tagger, prepared[:half]) + _tag_splitting_on_oom(tagger, prepared[half:])
 
 
 def merge_caption(old: str, new_tags: Sequence[str], mode: str) -> str:

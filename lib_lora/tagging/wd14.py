@@ -196,6 +196,8 @@ def _open_session(path: Path, device: str):
     providers = choose_providers(device)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no provider-fallback chatter on stderr; we report the provider used
+    # idle onnxruntime threads spin by default, taking the CPU the decode threads need between batches
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable / invalid models

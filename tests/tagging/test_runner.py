@@ -182,8 +182,8 @@ def test_batched_threaded_equals_one_at_a_time(tagger, tmp_path):
 class SlowModel:
     """The real tagger, with a model that takes 0.15 s per batch, recording when decodes and batches run."""
 
-    def __init__(self, inner, fail_on_batch: int | None = None, decode_seconds: float = 0.0):
-        self.inner, self.name, self.max_batch = inner, inner.name, None
+    def __init__(self, inner, fail_on_batch: int | None = None, decode_seconds: float = 0.0, max_fitting: int = 99):
+        self.inner, self.name, self.max_batch, self.max_fitting = inner, inner.name, None, max_fitting
         self.fail_on_batch, self.decode_seconds = fail_on_batch, decode_seconds
         self.batches: list[tuple[float, float]] = []
         self.decodes: list[tuple[float, float, str]] = []
@@ -197,7 +197,9 @@ class SlowModel:
 
     def tag_batch(self, prepared):
         if self.fail_on_batch is not None and len(self.batches) == self.fail_on_batch:
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise RuntimeError("the model exploded (simulated)")
+        if len(prepared) > self.max_fitting:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         start = time.perf_counter()
         time.sleep(0.15)
         out = self.inner.tag_batch(prepared)
@@ -232,10 +234,20 @@ def test_stop_and_failure_keep_finished_captions(tagger, tmp_path):
     undo_last(folder)
 
     failing = SlowModel(tagger, fail_on_batch=1)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(RuntimeError, match="exploded"):
         tag_folder(folder, failing, batch_size=2, workers=0)
     assert sorted(p.name for p in folder.glob("*.txt")) == ["black.txt", "blue.txt"]  # batch 1 written
     assert len(undo_history(folder)) == 1
+
+
+def test_a_batch_that_does_not_fit_is_split(tagger, tmp_path):
+    folder = make_folder(tmp_path / "d", names=("red", "blue", "green", "black", "white"))
+    small = SlowModel(tagger, max_fitting=2)
+    result = tag_folder(folder, small, batch_size=5)
+    assert len(result.written) == 5 and "red_theme" in read_caption(folder / "red.txt")
+    assert "blue_theme" in read_caption(folder / "blue.txt")  # results still go to the right images
+    with pytest.raises(BadInput, match="out of memory tagging a single image"):
+        tag_folder(make_folder(tmp_path / "e", names=("red",)), SlowModel(tagger, max_fitting=0))
 
 
 def test_exclude_matches_spaces_underscores_and_case(tagger, tmp_path):
@@ -267,6 +279,8 @@ def test_cli_bad_input_messages(wd14_dir, tmp_path, capsys):
     (tmp_path / "half" / "model.onnx").write_bytes((wd14_dir / "model.onnx").read_bytes())
     assert main(["tag", str(folder), "--model_dir", str(tmp_path / "half")]) == 1
     assert "missing selected_tags.csv" in capsys.readouterr().err
+    assert main(["tag", str(folder), "--model_dir", str(tmp_path / "nowhere"), "--batch_size", "0"]) == 1
+    assert "--batch_size must be at least 1" in capsys.readouterr().err  # settings first, before any model
     assert not (folder / "red.txt").exists()
 
 
