@@ -25,11 +25,8 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 NETWORK_MODULES = ("networks.lora",)
 TOKEN_LENGTHS = (75, 150, 225)
 LOG_WITH = ("", "tensorboard", "all")
-# sd-scripts' --sample_sampler choices; the backend maps each to its own sampler
-SAMPLERS = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)
+# samplers the backends' preview sampler has (lib_lora/backends/sampling.py), under sd-scripts' spellings
+SAMPLERS = ("ddim", "euler", "euler_a", "k_euler", "k_euler_a")
 
 
 def _f(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
