@@ -119,7 +119,7 @@ class TrainConfig:
     sample_prompts: str | tuple[str, ...] = _f("", "a prompt file (kohya syntax: --w --h --s --l --d --n), or a list of prompts", "sampling")
     sample_sampler: str = _f("ddim", "sampler for the sample images", "sampling", SAMPLERS)
     logging_dir: str = _f("", "folder for the loss log (CSV; tensorboard too when log_with says so)", "logging")
-    log_with: str = _f("", "extra logger: tensorboard or all (CSV is always written)", "logging", LOG_WITH)
+    log_with: str = _f("", "tensorboard: required; '' (default): tensorboard when installed; the CSV is always written", "logging", LOG_WITH)
     dry_run: bool = _f(False, "print the dataset summary, steps, memory and time estimate; write nothing", "logging")
 
     config_version: int = _f(CONFIG_VERSION, "version of this settings layout (older files are migrated)", "meta")

@@ -106,6 +106,7 @@ class Run:
             self._prepare()
             self.train_te = te_lr > 0
             if (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.dry_run:
+                yield Note("encoding every image once (cache_latents)" + (" to .npz files beside the images" if cfg.cache_latents_to_disk else ""))
                 encoder_id = str(getattr(self.backend, "vae_id", self.backend.arch))
                 self.data.cache_latents(self.backend.encode_images, encoder_id)
                 self.latents_cached = True
