@@ -51,11 +51,13 @@ class _BenchBackend:
     def encode_images(self, pixels):
         raise RuntimeError("the benchmark trains on cached latents")
 
-    def encode_prompts(self, texts, clip_skip=None, max_tokens=None, sizes=None):
-        return self.cond[: len(texts)]
+    def encode_prompts(self, texts, clip_skip=1, max_tokens=75, sizes=None, *, pad_chunks=False):
+        from ..backends.base import Cond
+
+        return Cond(self.cond[: len(texts)])
 
     def predict(self, noisy, t, cond):
-        return self.unet(noisy, t, encoder_hidden_states=cond).sample
+        return self.unet(noisy, t, encoder_hidden_states=cond.crossattn).sample
 
     def lora_targets(self, cfg):
         from ..network import unet_targets
