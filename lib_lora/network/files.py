@@ -50,6 +50,8 @@ def save_lora(
     from safetensors.torch import save as serialise
 
     target = Path(path)
+    if ".." in target.parts:
+        raise BadInput(f"LoRA path may not contain '..': {str(target)!r}")
     if target.suffix != ".safetensors":
         raise BadInput(f"LoRA file name must end in .safetensors: {target.name!r}")
     check_name(target.stem, "output name")
@@ -98,6 +100,17 @@ def _precision(precision: str) -> torch.dtype:
 def _data_section(serialised: bytes) -> bytes:
     (length,) = struct.unpack("<Q", serialised[:8])
     return serialised[8 + length:]
+
+
+def lora_path(folder: str | os.PathLike, output_name: str, epoch: int | None = None) -> Path:
+    """`<folder>/<output_name>.safetensors`, or `<output_name>-NN.safetensors` for an epoch (sd-scripts' and the
+    webui's naming). The name is checked (`fsutil.check_name`): no path separators, no '..'."""
+    name = check_name(output_name, "output name")
+    if epoch is not None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise BadInput(f"epoch must be a whole number >= 0, got {epoch!r}")
+        name = f"{name}-{epoch:02d}"
+    return Path(folder) / f"{name}.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------- load
@@ -193,6 +206,8 @@ def write_sidecar(
     if isinstance(preferred_weight, bool) or not isinstance(preferred_weight, (int, float)):
         raise BadInput(f"preferred weight must be a number, got {preferred_weight!r}")
     target = Path(lora_path).with_suffix(".json")
+    if ".." in target.parts:
+        raise BadInput(f"LoRA path may not contain '..': {str(target)!r}")
     check_name(target.stem, "output name")
     data = {
         "activation text": str(activation_text),
