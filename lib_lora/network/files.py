@@ -131,9 +131,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         if len(head) < 8:
             raise IncompatibleFile(f"{p.name}: empty or truncated file ({size} bytes), not a safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
-            raise IncompatibleFile(f"{p.name}: not a safetensors file, or truncated (header length {length}, "
-                                   f"file size {size})")
+        if length > _MAX_HEADER:
+            raise IncompatibleFile(f"{p.name}: not a safetensors file (it does not start with a header length)")
+        if length > size - 8:
+            raise IncompatibleFile(f"{p.name}: truncated file (the header needs {length} bytes, the file has {size - 8})")
         raw = fh.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
