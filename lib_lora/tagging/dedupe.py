@@ -6,8 +6,8 @@ views of itself (3% and 6% off one side, both sides, or none, on each axis), and
 best-aligned pair. Hashes are 256-bit DCT hashes (pHash on a 16x16 block: the same construction as imagehash's
 `phash(hash_size=16)`), and a bit only counts where both coefficients sit clearly away from the median: near-median
 coefficients flip under JPEG noise alone, which is what makes smooth images (gradients, skies) hash unreliably.
-An image with too few such bits is "low detail" and is compared by its colour grid alone. A coarse 4x4 colour grid
-must also agree for detailed images, so two drawings that share a layout but not their colours stay apart.
+An image with too few such bits is "low detail" and is compared by its 8x8 colour grid instead. Hashes look at
+brightness only, so a grayscale or recoloured version of a picture is its duplicate too (the colour one is kept).
 
 `--move` journals its plan before touching a file, so an interrupted move is finished on the next run and an image
 never ends up separated from its caption.
@@ -15,6 +15,7 @@ never ends up separated from its caption.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +41,6 @@ _THUMB = 128  # grayscale working copy the cropped views are cut from
 _CROPS = (1.0, 0.97, 0.94)  # kept fraction of one axis
 _ANCHORS = (0.0, 0.5, 1.0)  # where the kept part sits: start, centre, end
 _CANDIDATE_BITS = 100  # pairs further apart than this unaligned are never the same picture (crops measured <= 78)
-COLOUR_GATE = 24.0  # mean |difference| of the 4x4 RGB grids (0-255) allowed between duplicates
 STRONG_BIT = 4.0  # |coefficient - median| (grey levels, orthonormal DCT) for a bit to count
 MIN_BITS = 64  # fewer strong bits than this: the hash says too little ("low detail")
 LOW_DETAIL_COLOUR_LIMIT = 6.0  # low-detail images: mean |difference| of the 8x8 RGB grids allowed
@@ -56,15 +56,14 @@ class Fingerprint:
     file_size: int
     hashes: np.ndarray  # (views, 4) uint64; row 0 is the whole image
     strong: np.ndarray  # (views, 4) uint64; 1 where the hash bit is reliable
-    colour: np.ndarray  # (4, 4, 3) float32 block means
-    colour_fine: np.ndarray  # (8, 8, 3) float32 block means
+    colour: np.ndarray  # (8, 8, 3) float32 block means
     low_detail: bool
     grayscale: bool = False
 
 
 @dataclass
 class DuplicateGroup:
-    keep: Path  # the largest image (pixels, then colour over grayscale, then bytes); never moved
+    keep: Path  # the largest image (pixels; then colour, lossless, bytes); never moved
     duplicates: list[Path]  # the others, to be moved by --move
     distances: dict[Path, int | None] = field(default_factory=dict)  # hash distance to `keep`; None: low detail
 
@@ -146,8 +145,7 @@ def fingerprint_image(img, path: Path = Path(""), file_size: int = 0) -> Fingerp
         file_size=file_size,
         hashes=np.stack(hashes),
         strong=np.stack(strong),
-        colour=np.asarray(rgb.resize((4, 4), resample.BOX), dtype=np.float32),
-        colour_fine=fine,
+        colour=fine,
         low_detail=int(_popcount(strong[0])) < MIN_BITS,
         grayscale=float(np.ptp(fine, axis=-1).max()) <= 6.0,  # R, G and B agree everywhere
     )
@@ -197,16 +195,15 @@ def hash_distance(a: Fingerprint, b: Fingerprint) -> int:
     return int(round(best)) if np.isfinite(best) else HASH_SIDE * HASH_SIDE
 
 
-def colour_distance(a: Fingerprint, b: Fingerprint, fine: bool = False) -> float:
-    if fine:
-        return float(np.abs(a.colour_fine - b.colour_fine).mean())
+def colour_distance(a: Fingerprint, b: Fingerprint) -> float:
+    """Mean |difference| of the 8x8 RGB block means (0-255)."""
     return float(np.abs(a.colour - b.colour).mean())
 
 
 def is_duplicate(a: Fingerprint, b: Fingerprint, threshold: int = DEFAULT_THRESHOLD) -> bool:
     if a.low_detail or b.low_detail:
-        return a.low_detail and b.low_detail and colour_distance(a, b, fine=True) <= LOW_DETAIL_COLOUR_LIMIT
-    return hash_distance(a, b) <= threshold and colour_distance(a, b) <= COLOUR_GATE
+        return a.low_detail and b.low_detail and colour_distance(a, b) <= LOW_DETAIL_COLOUR_LIMIT
+    return hash_distance(a, b) <= threshold
 
 
 def _candidate_pairs(fps: Sequence[Fingerprint], limit: int) -> Iterable[tuple[int, int]]:
@@ -234,7 +231,7 @@ def _low_detail_pairs(fps: Sequence[Fingerprint]) -> Iterable[tuple[int, int]]:
     low = [i for i, fp in enumerate(fps) if fp.low_detail]
     if len(low) < 2:
         return
-    grids = np.stack([fps[i].colour_fine.ravel() for i in low])
+    grids = np.stack([fps[i].colour.ravel() for i in low])
     for start in range(0, len(low), 256):
         dist = np.abs(grids[start : start + 256, None, :] - grids[None, :, :]).mean(-1)
         for r, c in zip(*np.nonzero(dist <= LOW_DETAIL_COLOUR_LIMIT)):
@@ -242,9 +239,13 @@ def _low_detail_pairs(fps: Sequence[Fingerprint]) -> Iterable[tuple[int, int]]:
                 yield low[start + int(r)], low[int(c)]
 
 
+_LOSSLESS = (".png", ".bmp")
+
+
 def _keep_rank(fp: Fingerprint) -> tuple:
-    """Which copy stays: most pixels, then colour over grayscale, then the bigger file (less compressed)."""
-    return (-fp.width * fp.height, fp.grayscale, -fp.file_size, str(fp.path))
+    """Which copy stays: most pixels, then colour over grayscale, then PNG/BMP over JPEG/WebP, then the bigger file."""
+    lossy = fp.path.suffix.lower() not in _LOSSLESS
+    return (-fp.width * fp.height, fp.grayscale, lossy, -fp.file_size, str(fp.path))
 
 
 def group_duplicates(fps: Sequence[Fingerprint], threshold: int = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
@@ -400,6 +401,8 @@ def move_duplicates(
     try:
         atomic_write_text(journal, json.dumps([[str(m.source), str(m.target), m.copy] for m in moves], ensure_ascii=False))
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            journal.parent.rmdir()  # only if this call created it empty
         raise BadInput(f"cannot write into {root}: {exc.strerror or exc}; nothing was moved") from exc
     _run_moves(root, moves)
     return moves
