@@ -15,6 +15,8 @@ from lib_lora.tagging import dedupe
 from lib_lora.tagging.check import check_dataset
 from lib_lora.tagging.dedupe import (
     DEFAULT_THRESHOLD,
+    MIN_CORRELATION,
+    aligned_correlation,
     DUPLICATES_DIR,
     find_duplicates,
     fingerprint_image,
@@ -110,8 +112,9 @@ def copy_prints():
 def test_every_copy_is_found_at_the_default_threshold(prints, copy_prints):
     missed = [key for key, fp in copy_prints.items() if not is_duplicate(prints[key[0]], fp)]
     assert missed == []
-    detailed = [hash_distance(prints[name], fp) for (name, _), fp in copy_prints.items() if not prints[name].low_detail]
-    assert max(detailed) <= DEFAULT_THRESHOLD - 8  # with room to spare
+    detailed = [(prints[name], fp) for (name, _), fp in copy_prints.items() if not prints[name].low_detail]
+    assert max(hash_distance(a, b) for a, b in detailed) <= DEFAULT_THRESHOLD - 8  # with room to spare
+    assert min(aligned_correlation(a, b) for a, b in detailed) >= MIN_CORRELATION + 0.03
 
 
 def test_different_pictures_are_far_apart(prints):
@@ -121,6 +124,16 @@ def test_different_pictures_are_far_apart(prints):
     assert min(detailed) >= 2 * DEFAULT_THRESHOLD  # unrelated pictures sit near 128 of 256 bits
     # the pictures that share a background (pattern seeds 0 and 35 differ only in their blocks) too
     assert not is_duplicate(fingerprint_image(pattern_image(0)), fingerprint_image(pattern_image(35)))
+
+
+def test_large_look_alikes_that_align_by_chance_are_told_apart():
+    """At 768x640 the fixture's stripes blur away and only four blocks on grey remain: one crop of 0360 lines up
+    with 0197 to 26 bits, but their brightness at that alignment does not correlate like a copy's."""
+    a, b = fingerprint_image(pattern_image(360, (768, 640))), fingerprint_image(pattern_image(197, (768, 640)))
+    assert hash_distance(a, b) <= DEFAULT_THRESHOLD and aligned_correlation(a, b) < MIN_CORRELATION - 0.03
+    assert not is_duplicate(a, b)
+    many = [fingerprint_image(pattern_image(seed, (768, 640))) for seed in range(0, 400, 13)]
+    assert not [(i, j) for i, j in itertools.combinations(range(len(many)), 2) if is_duplicate(many[i], many[j])]
 
 
 def test_low_detail_images_are_recognised_and_compared_by_colour(prints):
