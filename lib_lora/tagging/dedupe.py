@@ -320,7 +320,7 @@ def dataset_images(folder: str | os.PathLike) -> list[Path]:
     """Every image under `folder` (concept subfolders included), except what was already moved aside."""
     root = Path(folder)
     if not root.is_dir():
-        raise BadInput(f"folder does not exist: {root}")
+        raise BadInput(f"not a folder: {root}" if root.exists() else f"folder does not exist: {root}")
     skip = (root / DUPLICATES_DIR).resolve()
     return [p for p in iter_image_files(root, recursive=True) if skip not in p.resolve().parents]
 

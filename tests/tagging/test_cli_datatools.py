@@ -111,8 +111,24 @@ def test_dedupe_finishes_an_interrupted_move(dataset, capsys):
     assert (target / "000.txt").read_text() == "style, tag0, shared tag" and not caption.exists()
 
 
+def test_dedupe_move_in_read_only_folder(dataset, capsys, monkeypatch):
+    pattern_image(0).resize((48, 48)).save(dataset / "2_style" / "small_copy.png")
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file())
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    code, out, err = run_cli(capsys, "dedupe", dataset, "--move")
+    assert code == 1 and "1 duplicate group(s)" in out
+    assert err == f"error: cannot write into {dataset}: Permission denied; nothing was moved\n"
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file()) == before
+
+
 def test_dedupe_bad_input(tmp_path, capsys):
     assert run_cli(capsys, "dedupe", tmp_path / "nope")[2].startswith("error: folder does not exist")
+    (tmp_path / "file.png").write_bytes(b"x")
+    assert run_cli(capsys, "dedupe", tmp_path / "file.png")[2] == f"error: not a folder: {tmp_path / 'file.png'}\n"
     (tmp_path / "e").mkdir()
     code, _, err = run_cli(capsys, "dedupe", tmp_path / "e")
     assert code == 1 and err.startswith("error: no images in") and err.count("\n") == 1
