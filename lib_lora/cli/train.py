@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train.state import build_dataset
 
     dataset = build_dataset(cfg)
-    if cfg.dry_run or dataset.skipped:
-        for line in dataset.summary_lines() if cfg.dry_run else [f"skipped {s.path}: {s.reason}" for s in dataset.skipped]:
-            say(line)
+    if not cfg.dry_run:  # a dry run reports the whole summary (skipped files included) with its measurements
+        for s in dataset.skipped:
+            say(f"skipped {s.path}: {s.reason}")
     backend = _load_backend(cfg, dist.device())
     control = E.TrainControl()
     previous = _install_interrupt(control)
