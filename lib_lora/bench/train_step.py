@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     # one bare pass runs: both are measured in turns, under the same conditions (other load on the machine, caches).
     backend = _BenchBackend(unet, cond, device)
     control = TrainControl()
-    bare, bare_cpu, steps, steps_cpu = [], [], [], []
+    bare, bare_cpu, steps, steps_cpu, lora, lora_cpu = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(output_dir=out_dir, output_name="bench", network_dim=args.dim, network_alpha=float(args.dim),
                           network_train_unet_only=True, max_train_steps=args.warmup + args.steps, seed=0,
@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
                 if ev.step > args.warmup:
                     steps.append(time.perf_counter() - resumed)
                     steps_cpu.append(time.process_time() - resumed_cpu)
+                    wall, cpu = bare_pass()  # the LoRA is attached here; grads go to the input only
+                    lora.append(wall)
+                    lora_cpu.append(cpu)
                 control.pause()
             elif isinstance(ev, Paused):
                 wall, cpu = bare_pass()
@@ -184,14 +187,18 @@ def run(args: argparse.Namespace) -> int:
     modules = sum(1 for name, _ in backend.lora_targets(network_config(cfg)))
     bare_s, step_s = statistics.median(bare), statistics.median(steps)
     bare_c, step_c = statistics.median(bare_cpu), statistics.median(steps_cpu)
+    lora_s, lora_c = statistics.median(lora), statistics.median(lora_cpu)
     peak, kind = _peak(device)
     print(f"machine: {_machine(device)}")
     print(f"UNet {params / 1e6:.0f}M params, LoRA dim {args.dim} on {modules} modules, batch {args.batch}, "
           f"latents {args.latent}x{args.latent}, mixed_precision {args.mixed_precision}, "
           f"gradient_checkpointing {args.gradient_checkpointing}")
     print(f"bare forward+backward: {bare_s:.3f} s (median of {len(bare)}; the UNet alone, no LoRA)")
+    print(f"same with the LoRA:    {lora_s:.3f} s (forward, backward to the input)")
     print(f"training step:         {step_s:.3f} s (median of {len(steps)}), {1 / step_s:.2f} it/s")
-    print(f"ratio step / bare:     {step_s / bare_s:.3f} (wall clock); {step_c / bare_c:.3f} (process CPU time: "
-          f"{bare_c:.3f} s vs {step_c:.3f} s, less sensitive to other load on the machine)")
+    print(f"ratio step / bare:     {step_s / bare_s:.3f} wall clock, {step_c / bare_c:.3f} process CPU time "
+          f"({bare_c:.3f} s vs {step_c:.3f} s; CPU time is less sensitive to other load on the machine)")
+    print(f"of which the LoRA:     {lora_s / bare_s:.3f} wall, {lora_c / bare_c:.3f} CPU; the loop around it: "
+          f"{step_s / lora_s:.3f} wall, {step_c / lora_c:.3f} CPU")
     print(f"peak memory:           {peak:.2f} GiB ({kind})")
     return 0
