@@ -372,6 +372,13 @@ class Backend(abc.ABC):
         """Run `module` on the backend device even when it was offloaded (moved back afterwards)."""
         return _TemporarilyOn(module, self.device)
 
+    def _text_on_device(self) -> contextlib.AbstractContextManager:
+        """The text encoders on the backend device for one encode (offloaded, or parked by the webui's medvram)."""
+        stack = contextlib.ExitStack()
+        for module in self._text_modules():
+            stack.enter_context(_TemporarilyOn(module, self.device))
+        return stack
+
 
 class _TemporarilyOn:
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:

@@ -203,7 +203,7 @@ class DiffusersBackend(Backend):
             chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
             return chunked.reshape(-1, T.CONTEXT).to(self.device)
 
-        with self._text_grad_context(), self.autocast():
+        with self._text_on_device(), self._text_grad_context(), self.autocast():
             if self.arch != "sdxl":
                 pad = 0 if self.arch == "sd2" else T.EOS_ID  # SD2's encoder is OpenCLIP: pads with 0
                 states = T.encode_hf_clip(self.text_encoder, ids(pad), clip_skip=int(clip_skip))

@@ -67,7 +67,17 @@ class LdmBackend(Backend):
         else:
             self._init_sd(sd_model.cond_stage_model)
         self.prediction_type = check_prediction_type(prediction_type or self._model_prediction())
-        self.device = torch.device(device) if device is not None else module_device(self.unet)
+        self._given_device = torch.device(device) if device is not None else None
+        self.device = self._given_device or self._model_device()
+        self._alphas_cache: tuple | None = None
+
+    def _model_device(self) -> torch.device:
+        """Where the UNet computes. Under the webui's medvram the UNet is parked on the CPU between calls: the webui
+        should pass `device=devices.device`; without it, CUDA is assumed when present."""
+        here = module_device(self.unet)
+        if getattr(self.model, "lowvram", False) and here.type == "cpu" and torch.cuda.is_available():
+            return torch.device("cuda")
+        return here
 
     def _init_sd(self, cond_stage) -> None:
         emb = unwrap(cond_stage)
@@ -124,7 +134,10 @@ class LdmBackend(Backend):
             ac = getattr(self.model, "alphas_cumprod", None)
         if ac is None:
             ac = scaled_linear_alphas_cumprod()  # sgm's LegacyDDPMDiscretization defaults
-        return ac.detach().to(self.device, torch.float32)
+        key = (id(ac), ac.data_ptr(), self.device)
+        if self._alphas_cache is None or self._alphas_cache[0] != key:
+            self._alphas_cache = (key, ac.detach().to(self.device, torch.float32))
+        return self._alphas_cache[1]
 
     @property
     def scaling_factor(self) -> float:
@@ -166,7 +179,7 @@ class LdmBackend(Backend):
             chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
             return chunked.reshape(-1, T.CONTEXT).to(self.device)
 
-        with self._text_grad_context(), self.autocast():
+        with self._text_on_device(), self._text_grad_context(), self.autocast():
             if self.arch == "sd1":
                 states = T.encode_hf_clip(self.te.transformer, ids(T.EOS_ID), clip_skip=clip_skip)
                 return Cond(T.join_chunks(states, batch).float())
@@ -258,4 +271,4 @@ class LdmBackend(Backend):
         super()._move_for_training(state, device)
 
     def _after_restore(self) -> None:
-        self.device = module_device(self.unet)
+        self.device = self._given_device or self._model_device()

@@ -242,3 +242,22 @@ def test_offloaded_vae_and_text_encoders_come_back(webui_model):
         assert backend.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 8, 8)  # still usable
     with pytest.raises(BadInput, match="prepare_for_training"):
         backend.offload_vae()
+
+
+def test_webui_path_imports_neither_diffusers_nor_webui_modules():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import lib_lora.backends as b\n"
+        "from lib_lora.backends import LdmBackend, Cond, generate\n"
+        "import lib_lora.backends.ldm_backend, lib_lora.backends.sampling, lib_lora.backends.text\n"
+        "bad = [m for m in sys.modules if m == 'diffusers' or m.startswith(('diffusers.', 'modules.')) or m == 'modules']\n"
+        "assert not bad, bad\n"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
