@@ -27,7 +27,11 @@ def hf_core(transformer):
 
 
 def test_sd1_is_read_through_the_hijack_wrapper(shared_webui_models):
+    from tests.backends.webui_models import real_ldm_available
+
     model = shared_webui_models("sd1")
+    if real_ldm_available():  # the webui stack: the very class the webui holds
+        assert type(model).__module__ == "ldm.models.diffusion.ddpm" and type(model).__name__ == "LatentDiffusion"
     b = LdmBackend(model)
     assert (b.arch, b.prediction_type) == ("sd1", "epsilon")
     assert b.unet is model.model.diffusion_model

@@ -43,8 +43,9 @@ def test_both_backends_compute_the_same(arch, shared_webui_models, single_file_b
     assert pred_ldm.abs().mean() > 0.05  # a real signal, not two zeros
 
 
-def test_previews_match_across_backends(shared_webui_models, single_file_backends):
-    ldm, dif = LdmBackend(shared_webui_models("sd1")), single_file_backends("sd1")
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_previews_match_across_backends(arch, shared_webui_models, single_file_backends):
+    ldm, dif = LdmBackend(shared_webui_models(arch)), single_file_backends(arch)
     a = ldm.sample("a cat", steps=2, width=64, height=64, seed=3)[0]
     b = dif.sample("a cat", steps=2, width=64, height=64, seed=3)[0]
     diff = max(abs(x - y) for pa, pb in zip(a.getdata(), b.getdata()) for x, y in zip(pa, pb))
