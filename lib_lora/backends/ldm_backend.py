@@ -10,8 +10,6 @@ Never imports `modules.*` nor diffusers: this runs inside the webui on its pinne
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ..errors import BadInput, IncompatibleFile
@@ -46,7 +44,8 @@ def is_open_clip_embedder(emb) -> bool:
 class LdmBackend(Backend):
     """Backend over an ldm LatentDiffusion (SD1/SD2) or sgm DiffusionEngine (SDXL), as the webui holds it."""
 
-    def __init__(self, sd_model, *, device: str | torch.device | None = None, prediction_type: str | None = None) -> None:
+    def __init__(self, sd_model, *, device: str | torch.device | None = None,
+                 prediction_type: str | None = None) -> None:
         super().__init__()
         self.model = sd_model
         if getattr(sd_model, "is_sd3", False):
@@ -57,10 +56,12 @@ class LdmBackend(Backend):
         if self.unet is None:
             raise IncompatibleFile("the loaded model has no UNet at model.diffusion_model")
         if getattr(wrapper, "conditioning_key", "crossattn") not in ("crossattn", None) and not self.is_sgm:
-            raise IncompatibleFile(f"{wrapper.conditioning_key!r} conditioning (inpainting / edit models) cannot be trained here")
+            raise IncompatibleFile(
+                f"{wrapper.conditioning_key!r} conditioning (inpainting / edit models) cannot be trained here")
         in_conv = self.unet.input_blocks[0][0]
         if getattr(in_conv, "in_channels", 4) != 4:
-            raise IncompatibleFile(f"a UNet with {in_conv.in_channels} input channels (inpainting) cannot be trained here")
+            raise IncompatibleFile(
+                f"a UNet with {in_conv.in_channels} input channels (inpainting) cannot be trained here")
         self.first_stage = sd_model.first_stage_model
         if self.is_sgm:
             self._init_sdxl(sd_model.conditioner)
@@ -151,7 +152,8 @@ class LdmBackend(Backend):
             x = pixels.to(self.device, module_dtype(vae))
             if hasattr(vae, "encoder") and hasattr(vae, "quant_conv"):
                 mean, logvar = vae.quant_conv(vae.encoder(x)).float().chunk(2, dim=1)
-                z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * gaussian_like(mean, generator) if sample else mean
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # ldm's DiagonalGaussianDistribution
+                z = mean + std * gaussian_like(mean, generator) if sample else mean
             else:  # an unknown first stage: trust its encode()
                 out = vae.encode(x)
                 z = (out.sample() if sample else out.mode()) if hasattr(out, "mode") else out
