@@ -323,12 +323,17 @@ class Backend(abc.ABC):
             self.restore()
 
     def offload_vae(self) -> None:
-        """Move the VAE to the CPU (after latents are cached); restore() brings it back. Decoding still works."""
-        self._require_state("offload the VAE").move(self._vae_module(), torch.device("cpu"))
+        """Move the VAE to the CPU (after latents are cached); restore() brings it back. Decoding still works.
+        A no-op where the host manages placement (the webui's medvram)."""
+        state = self._require_state("offload the VAE")
+        if not self._placement_managed():
+            state.move(self._vae_module(), torch.device("cpu"))
 
     def offload_text_encoders(self) -> None:
         """Move the text encoders to the CPU (after text outputs are cached); restore() brings them back."""
         state = self._require_state("offload the text encoders")
+        if self._placement_managed():
+            return
         for te in self._text_modules():
             state.move(te, torch.device("cpu"))
 
@@ -365,6 +370,10 @@ class Backend(abc.ABC):
 
     def _after_restore(self) -> None:
         """Re-read anything cached from the model (e.g. the device) after restore."""
+
+    def _placement_managed(self) -> bool:
+        """True when the host moves modules itself (then the backend never moves them for training)."""
+        return False
 
     # ---- helpers for subclasses ---------------------------------------------------------------------------------
     def _text_grad_context(self):

@@ -267,10 +267,12 @@ class LdmBackend(Backend):
                     if unwrap(obj) in (self.te1, self.te2) and hasattr(obj, "is_trainable"):
                         state.set_attr(obj, "is_trainable", True)
 
+    def _placement_managed(self) -> bool:
+        return bool(getattr(self.model, "lowvram", False))  # the webui's medvram hooks own placement
+
     def _move_for_training(self, state, device: torch.device) -> None:
-        if getattr(self.model, "lowvram", False):
-            return  # the webui's medvram hooks own placement; moving modules would fight them
-        super()._move_for_training(state, device)
+        if not self._placement_managed():
+            super()._move_for_training(state, device)
 
     def _after_restore(self) -> None:
         self.device = self._given_device or self._model_device()
