@@ -124,7 +124,7 @@ def merge_loras(
     started = time.monotonic()
     model, out, lora_specs, out_dtype = _check_arguments(model_path, loras, out_path, precision, overwrite)
     yaml_in, yaml_out = model.with_suffix(".yaml"), out.with_suffix(".yaml")
-    copy_yaml = yaml_in.is_file()
+    copy_yaml = yaml_in.is_file() and yaml_in.resolve() != yaml_out.resolve()  # a.ckpt -> a.safetensors shares it
     if copy_yaml and yaml_out.exists() and not overwrite:
         raise BadInput(f"{yaml_out} already exists (use --overwrite to replace it)")
 
@@ -145,7 +145,7 @@ def merge_loras(
         out_plan = [
             PlannedTensor(key, _output_dtype(key, source.dtype(key), out_dtype), source.shape(key)) for key in source.keys
         ]
-        metadata = _metadata(source, index, out, [lf for lf in opened], lora_specs, precision)
+        metadata = _metadata(source, index, out, opened, lora_specs, precision)
         total = len(encode_header(out_plan, metadata)) + sum(t.nbytes for t in out_plan)
         _check_space(out, total)
         _write(source, out, out_plan, metadata, plan, total, progress)

@@ -176,3 +176,23 @@ def test_cli_end_to_end(tmp_path, ckpts, sd1_lora):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert again.returncode == 1
     assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
+
+
+def test_output_file_mode_like_a_plain_open(tmp_path, ckpts, sd1_lora):
+    """Readable by whoever could read a file the user created normally (the webui may run as another user)."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    out = tmp_path / "o.safetensors"
+    merge_loras(ckpts["sd1"][0], [(sd1_lora[0], 1.0)], out)
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    os.chmod(out, 0o640)
+    merge_loras(ckpts["sd1"][0], [(sd1_lora[0], 1.0)], out, overwrite=True)
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_ckpt_to_safetensors_with_the_same_stem_shares_the_yaml(tmp_path, ckpts, sd1_lora):
+    torch.save({"state_dict": ckpts["sd1"][1]}, tmp_path / "model.ckpt")
+    (tmp_path / "model.yaml").write_text("model: {}\n")
+    report = merge_loras(tmp_path / "model.ckpt", [(sd1_lora[0], 1.0)], tmp_path / "model.safetensors")
+    assert not report.yaml_copied and (tmp_path / "model.yaml").read_text() == "model: {}\n"
+    assert load_file(str(tmp_path / "model.safetensors")).keys() == ckpts["sd1"][1].keys()
