@@ -1,7 +1,7 @@
 """Optimizers under sd-scripts' names, and their `optimizer_args`.
 
-AdamW is torch's (fused kernel when every parameter is on CUDA: one launch instead of one per LoRA tensor,
-which matters with ~1,000 small tensors); AdamW8bit is bitsandbytes' (CUDA only); Adafactor is transformers'
+AdamW is torch's (the fused kernel when the torch build has it for the device: one launch instead of one per
+LoRA tensor, which matters with ~1,000 small tensors); AdamW8bit is bitsandbytes' (CUDA only); Adafactor is transformers'
 with sd-scripts' handling of `relative_step`; Prodigy and Lion come from prodigyopt and lion-pytorch.
 """
 
@@ -57,9 +57,11 @@ def _needs(package: str, optimizer: str):
         raise BadInput(f"optimizer_type {optimizer} needs the '{package}' package (pip install {package.replace('_', '-')})") from None
 
 
-def _all_cuda(groups: list[dict]) -> bool:
+def _fusable(groups: list[dict]) -> bool:
+    """Every parameter a float tensor on one CUDA or CPU device (torch's fused AdamW kernel; CPU since torch 2.4)."""
     params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return bool(params) and len({p.device for p in params}) == 1 and all(
+        p.device.type in ("cuda", "cpu") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
 
 
 def _make(cls, groups: list[dict], name: str, **kwargs) -> torch.optim.Optimizer:
@@ -82,9 +84,14 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict], total_steps: int) -> O
     scheduler_name, initial_lr = cfg.lr_scheduler, None
 
     if name == "AdamW":
-        if "fused" not in kwargs and "foreach" not in kwargs and _all_cuda(groups):
-            kwargs["fused"] = True
-        optimizer = _make(torch.optim.AdamW, groups, name, lr=lr, **kwargs)
+        optimizer = None
+        if "fused" not in kwargs and "foreach" not in kwargs and _fusable(groups):
+            try:  # one kernel for all ~1,000 LoRA tensors: 3-5x faster than foreach on a CPU, more on a GPU
+                optimizer = torch.optim.AdamW(groups, lr=lr, fused=True, **kwargs)
+            except (RuntimeError, ValueError, TypeError):
+                optimizer = None  # an older torch without this kernel for the device
+        if optimizer is None:
+            optimizer = _make(torch.optim.AdamW, groups, name, lr=lr, **kwargs)
     elif name == "AdamW8bit":
         if not torch.cuda.is_available():
             raise BadInput("optimizer_type AdamW8bit needs an NVIDIA GPU (bitsandbytes runs on CUDA only); use AdamW")

@@ -164,3 +164,11 @@ def test_bad_optimizer_args_name_the_optimizer():
         _train(TrainConfig(optimizer_type="AdamW", lr_scheduler="adafactor"), steps=1)
     with pytest.raises(BadInput, match="nothing to train"):
         build_optimizer(TrainConfig(), [{"params": [], "lr": 1e-4}], 10)
+
+
+def test_adamw_uses_the_fused_kernel_when_torch_has_it():
+    setup, losses = _train(TrainConfig(optimizer_type="AdamW", learning_rate=1e-2), steps=5)
+    assert setup.optimizer.defaults.get("fused") is True
+    assert losses[-1] < losses[0]
+    explicit, _ = _train(TrainConfig(optimizer_type="AdamW", learning_rate=1e-2, optimizer_args=("foreach=True",)), steps=1)
+    assert not explicit.optimizer.defaults.get("fused")
