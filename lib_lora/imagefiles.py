@@ -1,0 +1,57 @@
+"""Which files are images, and how to open one the way every part of the product expects.
+
+Shared by the dataset scan, the checks, the duplicate finder and the taggers so that "an image" means the same
+thing everywhere: png, jpg, jpeg, webp, bmp in any letter case; EXIF orientation applied; transparency
+composited on white.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .errors import BadInput, IncompatibleFile
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def iter_image_files(folder: str | os.PathLike, recursive: bool = False) -> Iterator[Path]:
+    """Image files under `folder` in a stable (sorted) order; hidden files and folders (`.name`) are skipped."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise BadInput(f"folder does not exist: {root}")
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if recursive:
+                yield from iter_image_files(entry, recursive=True)
+        elif is_image_file(entry):
+            yield entry
+
+
+def open_image_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)):
+    """Open an image fully decoded as RGB: EXIF rotation applied, alpha composited on `background`.
+
+    Raises IncompatibleFile naming the file when it is unreadable or truncated, so callers can skip and list it.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, background + (255,))
+                canvas.alpha_composite(rgba)
+                return canvas.convert("RGB")
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for broken / truncated files
+        raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
