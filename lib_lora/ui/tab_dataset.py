@@ -1,0 +1,106 @@
+"""Dataset sub-tab: import a folder, concept folders with their repeats, image check, duplicates, gallery."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..captions import caption_path, read_caption
+from ..errors import BadInput
+from . import projects
+from .common import message, on
+
+
+def concept_rows(project) -> list[list]:
+    return [[c.folder.name, c.repeats, c.images] for c in project.concepts()] or [["", 0, 0]]
+
+
+def gallery_items(project, limit: int = 200) -> list[tuple[str, str]]:
+    items = []
+    for image in project.images()[:limit]:
+        cap = caption_path(image)
+        items.append((str(image), read_caption(cap) if cap.is_file() else "(no caption)"))
+    return items
+
+
+def check_report(project) -> str:
+    """Markdown report of the dataset check (lib_lora.tagging.check when present; else counts only)."""
+    images = project.images()
+    if not images:
+        raise BadInput(f"project {project.name!r} has no images yet: import a folder first")
+    lines = [f"**{len(images)} images** in {len(project.concepts())} concept folder(s)"]
+    missing = [p.name for p in images if not caption_path(p).is_file()]
+    empty = [p.name for p in images if caption_path(p).is_file() and not read_caption(caption_path(p))]
+    if missing:
+        lines.append(f"- {len(missing)} without a caption file: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if empty:
+        lines.append(f"- {len(empty)} with an empty caption: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    try:
+        from ..tagging import check as tag_check  # the dataset-check engine (landing separately)
+    except ImportError:
+        tag_check = None
+    if tag_check is not None and hasattr(tag_check, "check_folder"):
+        for concept in project.concepts():
+            for problem in tag_check.check_folder(concept.folder):
+                lines.append(f"- {problem}")
+    if len(lines) == 1:
+        lines.append("- no problems found")
+    return "\n".join(lines)
+
+
+def duplicates_report(project) -> str:
+    try:
+        from ..tagging import dedupe
+    except ImportError:
+        raise BadInput("duplicate detection is not available in this build") from None
+    groups = dedupe.find_duplicates(project.images())
+    if not groups:
+        return "No near-duplicates found."
+    return "\n".join("- " + ", ".join(p.name for p in group) for group in groups)
+
+
+def build(ctx) -> None:
+    """Widgets of the Dataset sub-tab; `ctx` is the Tab holding the shared project selector and message line."""
+    with gr.Row():
+        source = gr.Textbox(label="Folder to import (images and same-named .txt captions are copied)", scale=4,
+                            elem_id="lora_train_import_source")
+        import_btn = gr.Button("Import", elem_id="lora_train_import")
+    with gr.Row():
+        concepts = gr.Dataframe(headers=["concept folder", "repeats", "images"], datatype=["str", "number", "number"],
+                                label="Concept folders (repeats = the number in the folder name)", interactive=False,
+                                elem_id="lora_train_concepts")
+        with gr.Column():
+            concept = gr.Textbox(label="Concept folder", elem_id="lora_train_concept_folder")
+            repeats = gr.Number(label="Repeats", value=10, precision=0, elem_id="lora_train_repeats")
+            repeats_btn = gr.Button("Set repeats")
+    with gr.Row():
+        check_btn = gr.Button("Check images", elem_id="lora_train_check")
+        dupes_btn = gr.Button("Find duplicates", elem_id="lora_train_dupes")
+    report = gr.Markdown(elem_id="lora_train_report")
+    gallery = gr.Gallery(label="Images and captions", columns=6, height=360, elem_id="lora_train_dataset_gallery")
+
+    def refresh(project_name):
+        project = ctx.project(project_name)
+        return {concepts: concept_rows(project), gallery: gallery_items(project)}
+
+    ctx.on_project_change(refresh, [concepts, gallery])
+
+    def do_import(project_name, source, concept):
+        project = ctx.project(project_name)
+        n = projects.import_folder(project, source, concept or None)
+        return {**refresh(project_name), ctx.msg: message(f"imported {n} images into {project.name}", "ok")}
+
+    on(import_btn.click, do_import, {"project_name": ctx.selector, "source": source, "concept": concept},
+       [concepts, gallery, ctx.msg], error_output=ctx.msg)
+
+    def do_repeats(project_name, concept, repeats):
+        project = ctx.project(project_name)
+        target = projects.set_repeats(project, concept, repeats)
+        return {**refresh(project_name), concept_box: target.name, ctx.msg: message(f"renamed to {target.name}", "ok")}
+
+    concept_box = concept
+    on(repeats_btn.click, do_repeats, {"project_name": ctx.selector, "concept": concept, "repeats": repeats},
+       [concepts, gallery, concept, ctx.msg], error_output=ctx.msg)
+    on(check_btn.click, lambda project_name: {report: check_report(ctx.project(project_name))},
+       {"project_name": ctx.selector}, [report], error_output=ctx.msg)
+    on(dupes_btn.click, lambda project_name: {report: duplicates_report(ctx.project(project_name))},
+       {"project_name": ctx.selector}, [report], error_output=ctx.msg)
