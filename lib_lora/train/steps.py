@@ -1,0 +1,105 @@
+"""How many steps a run takes: images x repeats x epochs / batch / gradient accumulation.
+
+Printed by the CLI before anything loads and shown live in the tab while the user edits settings, so it
+reads folders cheaply (names and file extensions only, no image is opened).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_CONCEPT = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass(frozen=True)
+class ConceptCount:
+    folder: str
+    repeats: int
+    images: int
+
+
+def count_concepts(root: str | Path) -> list[ConceptCount]:
+    """`N_concept` subfolders of `root` with their image counts (any letter case of the extensions)."""
+    root = Path(root)
+    found = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = _CONCEPT.match(sub.name)
+        if not match:
+            continue
+        n = sum(1 for f in sub.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        found.append(ConceptCount(sub.name, int(match.group(1)), n))
+    return found
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    train_images: int  # distinct images
+    repeated_images: int  # images x repeats (one epoch's worth)
+    reg_images: int  # distinct regularization images (x repeats)
+    items_per_epoch: int  # repeated images, doubled by regularization as sd-scripts does
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int  # optimizer steps
+    epochs: int
+    total_steps: int
+
+    def describe(self, cfg: TrainConfig) -> str:
+        reg = f" + {self.items_per_epoch - self.repeated_images} regularization" if self.reg_images else ""
+        return (
+            f"{self.train_images} images x repeats = {self.repeated_images}{reg} per epoch; "
+            f"batch {cfg.train_batch_size}, gradient accumulation {cfg.gradient_accumulation_steps} -> "
+            f"{self.steps_per_epoch} steps per epoch x {self.epochs} epochs = {self.total_steps} steps"
+        )
+
+
+def plan_steps(
+    cfg: TrainConfig,
+    repeated_images: int,
+    train_images: int | None = None,
+    reg_images: int = 0,
+    batches_per_epoch: int | None = None,
+    num_processes: int = 1,
+) -> StepPlan:
+    """The step plan. `batches_per_epoch` (from buckets, where each bucket rounds up on its own) overrides
+    the plain ceil(items / batch). With regularization images sd-scripts pads them to the number of training
+    images, so an epoch holds twice the items."""
+    items = repeated_images * 2 if reg_images > 0 else repeated_images
+    batches = batches_per_epoch if batches_per_epoch is not None else math.ceil(items / max(1, cfg.train_batch_size))
+    batches = math.ceil(batches / max(1, num_processes))
+    per_epoch = max(1, math.ceil(batches / max(1, cfg.gradient_accumulation_steps))) if batches else 0
+    if cfg.max_train_epochs:
+        epochs = cfg.max_train_epochs
+        total = epochs * per_epoch
+    else:
+        total = cfg.max_train_steps
+        epochs = math.ceil(total / per_epoch) if per_epoch else 0
+    return StepPlan(
+        train_images=repeated_images if train_images is None else train_images,
+        repeated_images=repeated_images,
+        reg_images=reg_images,
+        items_per_epoch=items,
+        batches_per_epoch=batches,
+        steps_per_epoch=per_epoch,
+        epochs=epochs,
+        total_steps=total,
+    )
+
+
+def plan_from_folders(cfg: TrainConfig, num_processes: int = 1) -> StepPlan:
+    """The plan from the folders alone (no buckets: each batch is full), for the tab and the CLI preview."""
+    train = count_concepts(cfg.train_data_dir) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
+    reg = count_concepts(cfg.reg_data_dir) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
+    held_out = cfg.validation_split if not cfg.validation_data_dir else 0.0
+    repeated = sum(c.repeats * (c.images - int(c.images * held_out)) for c in train)
+    return plan_steps(
+        cfg,
+        repeated_images=repeated,
+        train_images=sum(c.images for c in train),
+        reg_images=sum(c.images for c in reg),
+        num_processes=num_processes,
+    )
