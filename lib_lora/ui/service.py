@@ -59,6 +59,8 @@ class TrainService:
         """A validated TrainConfig from tab values (or a given config); BadInput lists every error."""
         from ..train.validate import errors_of, validate
 
+        if not project.images():
+            raise BadInput(f"project {project.name!r} has no images: import a folder in the Dataset tab first")
         fixed = self.fixed(project)
         if config is not None:
             cfg = dataclasses.replace(config, **{k: v for k, v in fixed.items()})
@@ -67,8 +69,6 @@ class TrainService:
         problems = errors_of(validate(cfg, need_model_path=False))
         if problems:
             raise BadInput("; ".join(str(p) for p in problems))
-        if not project.images():
-            raise BadInput(f"project {project.name!r} has no images: import a folder in the Dataset tab first")
         return cfg
 
     def start(self, project_name: str, values: Mapping[str, Any] | None = None, config=None) -> Job:

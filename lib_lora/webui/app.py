@@ -37,7 +37,7 @@ def on_ui_settings():
             True, "Check each saved epoch with the webui's own Lora loader (a mismatch stops the training)"),
     }
     for key, info in options.items():
-        info.section = SECTION
+        info.section, info.category_id = SECTION[:2], SECTION[2]
         shared.opts.add_option(key, info)
 
 
