@@ -1,7 +1,8 @@
 """HTTP routes under /lora-train/v1/ for scripts and automation (present with --api, guarded by --api-auth).
 
 Routes added in `on_app_started` get none of the webui's API auth, so the same `user:password` list is checked
-here. Bad input answers 4xx with the one-line message the tab would show; nothing is started then.
+here (fastapi is imported at module level: its annotations are resolved from this module's globals). Bad input
+answers 4xx with the one-line message the tab would show; nothing is started then.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import base64
 import io
 from pathlib import Path
 from secrets import compare_digest
+
+from fastapi import Body, Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..errors import BadInput, IncompatibleFile, LoraTrainError
 
@@ -37,9 +41,6 @@ def status_for(exc: LoraTrainError) -> int:
 
 
 def add_routes(app, service, api_auth: str | None = None) -> None:
-    from fastapi import Body, Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
-
     creds = parse_credentials(api_auth)
     dependencies = []
     if creds:
