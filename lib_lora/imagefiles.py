@@ -55,3 +55,22 @@ def open_image_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for broken / truncated files
         raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as `open_image_rgb` returns it (EXIF rotation applied), after checking that the whole file
+    decodes. JPEGs decode at 1/8 scale (still reading every byte, so truncation is caught): a dataset scan of
+    camera photos runs several times faster than opening each image. Raises IncompatibleFile like open_image_rgb.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            orientation = img.getexif().get(0x0112, 1)  # the tag exif_transpose acts on (EXIF or XMP)
+            img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
