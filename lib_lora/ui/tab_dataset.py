@@ -22,28 +22,29 @@ def gallery_items(project, limit: int = 200) -> list[tuple[str, str]]:
     return items
 
 
-def check_report(project) -> str:
-    """Markdown report of the dataset check (lib_lora.tagging.check when present; else counts only)."""
+def check_report(project, resolution: str = "512") -> str:
+    """Markdown report: what training would see (the dataset engine's own scan: unreadable or too-small images,
+    folders not named N_concept, missing captions, buckets), then the image checks when that engine is present."""
+    from ..dataset import Dataset, DatasetOptions
+
     images = project.images()
     if not images:
         raise BadInput(f"project {project.name!r} has no images yet: import a folder first")
-    lines = [f"**{len(images)} images** in {len(project.concepts())} concept folder(s)"]
-    missing = [p.name for p in images if not caption_path(p).is_file()]
+    dataset = Dataset.build(DatasetOptions.from_config(
+        {"train_data_dir": str(project.dataset), "resolution": resolution, "enable_bucket": True}))
+    lines = [f"**{len(images)} images** in {len(project.concepts())} concept folder(s)", ""]
+    lines += [f"- {line}" for line in dataset.summary_lines()]
     empty = [p.name for p in images if caption_path(p).is_file() and not read_caption(caption_path(p))]
-    if missing:
-        lines.append(f"- {len(missing)} without a caption file: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     if empty:
         lines.append(f"- {len(empty)} with an empty caption: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
     try:
-        from ..tagging import check as tag_check  # the dataset-check engine (landing separately)
+        from ..tagging import check as tag_check  # image checks (landing separately)
     except ImportError:
         tag_check = None
     if tag_check is not None and hasattr(tag_check, "check_folder"):
         for concept in project.concepts():
             for problem in tag_check.check_folder(concept.folder):
                 lines.append(f"- {problem}")
-    if len(lines) == 1:
-        lines.append("- no problems found")
     return "\n".join(lines)
 
 

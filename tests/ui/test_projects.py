@@ -70,3 +70,15 @@ def test_project_image_refuses_paths_outside_the_dataset(tmp_path):
     (tmp_path / "secret.png").write_bytes(b"x")
     with pytest.raises(BadInput):
         projects.project_image(project, "../../secret.png")
+
+
+def test_check_report_lists_what_training_would_skip(tmp_path):
+    from lib_lora.ui.tab_dataset import check_report
+
+    project = projects.create_project(tmp_path, "p")
+    with pytest.raises(BadInput, match="no images"):
+        check_report(project)
+    make_images(project.dataset / "10_p", 2, captions=["a cat"])
+    (project.dataset / "10_p" / "broken.png").write_bytes(b"not a png")
+    report = check_report(project)
+    assert "3 images" in report and "broken.png" in report

@@ -1,0 +1,179 @@
+"""Against a real webui checkout (WEBUI_DIR; see docs/webui-dev.md): the tab is there, a training runs through the
+API on the loaded model, the LoRA is listed and changes txt2img, and the model gives the same image as before.
+
+Skipped unless WEBUI_DIR is set. Each webui start takes ~25 s on 2 CPU cores; the tiny model trains in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.webui.webui_process import Webui, make_tiny_model, webui_python
+
+WEBUI_DIR = os.environ.get("WEBUI_DIR")
+pytestmark = [pytest.mark.webui, pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set")]
+
+TXT2IMG = {"prompt": "a photo of sks, red", "negative_prompt": "", "seed": 1234, "steps": 6, "width": 64,
+           "height": 64, "sampler_name": "Euler", "cfg_scale": 5}
+TRAIN = {"resolution": "64", "enable_bucket": False, "max_train_epochs": 2, "train_batch_size": 2,
+         "unet_lr": 5e-3, "text_encoder_lr": 1e-3, "network_dim": 4, "network_alpha": 4, "seed": 7,
+         "lr_warmup_steps": 0, "cache_latents": True}
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    make_tiny_model(webui_python(Path(WEBUI_DIR)), Path(WEBUI_DIR), folder)
+    return folder
+
+
+def start(tmp_path_factory, ckpt_dir, *args) -> Webui:
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), ckpt_dir, list(args))
+    try:
+        webui.wait_ready()
+    except Exception:
+        webui.stop()
+        raise
+    return webui
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory, ckpt_dir):
+    w = start(tmp_path_factory, ckpt_dir)
+    yield w
+    w.stop()
+
+
+def image_bytes(response) -> bytes:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(response["images"][0]))).convert("RGB")
+    return img.tobytes()
+
+
+def txt2img(webui, **changes) -> bytes:
+    status, body = webui.post("/sdapi/v1/txt2img", dict(TXT2IMG, **changes))
+    assert status == 200, body
+    return image_bytes(body)
+
+
+def add_images(webui, project: str, n: int = 4) -> None:
+    from tests.ui.conftest import make_images
+
+    folder = webui.data_dir / "lora-train" / project / "dataset" / f"5_{project}"
+    make_images(folder, n, captions=["sks, red", "sks, blue"])
+
+
+def wait_job(webui, job_id: str, timeout: float = 900) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        job = webui.get(f"/lora-train/v1/jobs/{job_id}")
+        if job["status"] in ("done", "failed", "interrupted"):
+            return job
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} did not finish: {job}")
+
+
+def test_tab_and_routes_are_present(webui):
+    page = webui.get("/")
+    assert "LoRA Train" in page and "lora_train_start" in page
+    assert webui.get("/lora-train/v1/projects") == []
+
+
+def test_bad_input_gets_a_4xx_with_the_message_and_starts_nothing(webui):
+    status, body = webui.post("/lora-train/v1/projects", {"name": "../evil"})
+    assert status == 400 and "project name" in body["detail"]
+    status, body = webui.post("/lora-train/v1/projects", {"name": "empty"})
+    assert status == 201
+    status, body = webui.post("/lora-train/v1/jobs", {"project": "empty", "config": {}})
+    assert status == 400 and "no images" in body["detail"]
+    add_images(webui, "empty", 2)
+    status, body = webui.post("/lora-train/v1/jobs", {"project": "empty", "config": {"network_dim": 0}})
+    assert status == 400 and "network_dim" in body["detail"]
+    assert webui.get("/lora-train/v1/jobs") == []
+
+
+def test_training_on_the_loaded_model_lists_and_applies_the_lora_and_restores_the_model(webui):
+    before = txt2img(webui)
+    assert txt2img(webui) == before  # the webui itself is deterministic for a fixed seed
+    status, _ = webui.post("/lora-train/v1/projects", {"name": "sks"})
+    assert status == 201
+    add_images(webui, "sks")
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": TRAIN})
+    assert status == 201, job
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "done", job["message"]
+    lora_dir = webui.data_dir / "models" / "Lora" / "sks"
+    assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
+    card = (lora_dir / "sks-02.json").read_text()
+    assert '"activation text": "sks"' in card and '"sd version": "SD1"' in card
+    assert len(job["checks"]) == 2 and all(c.startswith("ok") for c in job["checks"]), job["checks"]
+    assert len(job["files"]) == 2
+    names = {item["name"] for item in webui.get("/sdapi/v1/loras")}
+    assert {"sks-01", "sks-02"} <= names
+    assert txt2img(webui) == before, "the model must give the same image after training"
+    with_lora = txt2img(webui, prompt=TXT2IMG["prompt"] + " <lora:sks-02:1>")
+    assert with_lora != before, "the trained LoRA must change the image"
+    assert txt2img(webui) == before, "generation without the LoRA afterwards is unchanged"
+
+
+def test_comparison_grid_through_the_webui_xyz_script(webui):
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    status, body = webui.post("/lora-train/v1/grid", {"project": "sks", "weights": [0.5, 1], "steps": 4,
+                                                      "width": 64, "height": 64, "sampler": "Euler"})
+    assert status == 200, body
+    from PIL import Image
+
+    grid = Image.open(io.BytesIO(base64.b64decode(body["image"])))
+    assert grid.width >= 2 * 64 and grid.height >= 2 * 64
+    assert 'X Values: "sks-01, sks-02"' in body["infotext"] and "Y Type: Prompt S/R" in body["infotext"]
+
+
+def test_interrupt_keeps_finished_epochs(webui):
+    status, _ = webui.post("/lora-train/v1/projects", {"name": "stopme"})
+    add_images(webui, "stopme")
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "stopme", "config": dict(TRAIN, max_train_epochs=200)})
+    assert status == 201, job
+    end = time.time() + 300
+    while time.time() < end and not webui.get(f"/lora-train/v1/jobs/{job['id']}")["files"]:
+        time.sleep(0.5)
+    status, _ = webui.post(f"/lora-train/v1/jobs/{job['id']}/interrupt")
+    assert status == 200
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "interrupted"
+    assert job["files"] and all(Path(f).exists() for f in job["files"])
+
+
+@pytest.mark.slow
+def test_medvram_trains_and_puts_everything_back(tmp_path_factory, ckpt_dir):
+    webui = start(tmp_path_factory, ckpt_dir, "--medvram")
+    try:
+        before = txt2img(webui)
+        webui.post("/lora-train/v1/projects", {"name": "med"})
+        add_images(webui, "med")
+        status, job = webui.post("/lora-train/v1/jobs", {"project": "med", "config": dict(TRAIN, max_train_epochs=1)})
+        assert status == 201, job
+        job = wait_job(webui, job["id"])
+        assert job["status"] == "done", job["message"]
+        assert txt2img(webui) == before
+    finally:
+        webui.stop()
+
+
+@pytest.mark.slow
+def test_lowvram_says_why_it_cannot_train(tmp_path_factory, ckpt_dir):
+    webui = start(tmp_path_factory, ckpt_dir, "--lowvram")
+    try:
+        webui.post("/lora-train/v1/projects", {"name": "low"})
+        add_images(webui, "low", 2)
+        status, body = webui.post("/lora-train/v1/jobs", {"project": "low", "config": {}})
+        assert status == 400 and "--lowvram" in body["detail"]
+    finally:
+        webui.stop()
