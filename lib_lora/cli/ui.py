@@ -23,6 +23,29 @@ def page_js() -> str:
     return "() => {\n" + source + "\n}"
 
 
+def starlette_compat() -> None:
+    """gradio 3.41 calls `TemplateResponse(name, {"request": ...})`; starlette 1.x only takes the request first.
+    Adapt the old call form (the webui's pinned fastapi 0.94 never needs this)."""
+    from gradio import routes
+
+    templates = routes.templates
+    original = type(templates).TemplateResponse
+    if getattr(original, "_lora_train_compat", False):
+        return
+
+    def template_response(self, *args, **kwargs):
+        if args and isinstance(args[0], str) and len(args) > 1 and isinstance(args[1], dict) and "request" in args[1]:
+            name, context, *rest = args
+            try:
+                return original(self, context["request"], name, context, *rest, **kwargs)
+            except TypeError:
+                pass
+        return original(self, *args, **kwargs)
+
+    template_response._lora_train_compat = True
+    type(templates).TemplateResponse = template_response
+
+
 def build_app(args):
     from ..ui.standalone import StandaloneHost
     from ..ui.tab import build_tab
@@ -36,6 +59,7 @@ def build_app(args):
 
 
 def run(args) -> int:
+    starlette_compat()
     blocks, host = build_app(args)
     print(f"LoRA Train: model {host.model_info().name}, projects in {host.projects_root().resolve()}")
     blocks.queue(concurrency_count=4).launch(server_name="127.0.0.1", server_port=args.port,

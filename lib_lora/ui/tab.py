@@ -21,6 +21,7 @@ class Tab:
         self.host = host
         self.service = service or TrainService(host)
         self._refreshers: list[tuple[Callable, list]] = []
+        self._then_refresh: list = []
         self.selector = None
         self.msg = None
 
@@ -31,6 +32,10 @@ class Tab:
     def on_project_change(self, fn: Callable, outputs: list) -> None:
         """Register `fn(project_name) -> {component: value}` to run whenever a project is chosen."""
         self._refreshers.append((fn, outputs))
+
+    def refresh_after(self, dependency) -> None:
+        """Refresh every sub-tab after `dependency` (an event that changed the dataset) has run."""
+        self._then_refresh.append(dependency)
 
     def host_register_send(self, button, infotext) -> None:
         register = getattr(self.host, "register_send_to_txt2img", None)
@@ -81,7 +86,7 @@ class Tab:
             for _, outs in self._refreshers:
                 all_outputs += [o for o in outs if o not in all_outputs]
 
-            def choose(project_name):
+            def refresh_all(project_name, announce: bool = False):
                 result: dict = {model: self.model_line()}
                 if not project_name:
                     return result
@@ -91,10 +96,16 @@ class Tab:
                         result.update(fn(project_name))
                     except BadInput as exc:
                         errors.append(str(exc))
-                result[self.msg] = message("; ".join(errors), "error") if errors else message(f"opened {project_name}", "ok")
+                if errors:
+                    result[self.msg] = message("; ".join(errors), "error")
+                elif announce:
+                    result[self.msg] = message(f"opened {project_name}", "ok")
                 return result
 
-            on(self.selector.change, choose, {"project_name": self.selector}, all_outputs, error_output=self.msg)
+            on(self.selector.change, lambda project_name: refresh_all(project_name, True),
+               {"project_name": self.selector}, all_outputs, error_output=self.msg)
+            for dependency in self._then_refresh:
+                on(dependency.then, refresh_all, {"project_name": self.selector}, all_outputs, error_output=self.msg)
 
             def do_create(new_name):
                 root = self.service.root()

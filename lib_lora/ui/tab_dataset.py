@@ -90,8 +90,9 @@ def build(ctx) -> None:
         n = projects.import_folder(project, source, concept or None)
         return {**refresh(project_name), ctx.msg: message(f"imported {n} images into {project.name}", "ok")}
 
-    on(import_btn.click, do_import, {"project_name": ctx.selector, "source": source, "concept": concept},
+    imported = on(import_btn.click, do_import, {"project_name": ctx.selector, "source": source, "concept": concept},
        [concepts, gallery, ctx.msg], error_output=ctx.msg)
+    ctx.refresh_after(imported)
 
     def do_repeats(project_name, concept, repeats):
         project = ctx.project(project_name)
@@ -99,8 +100,9 @@ def build(ctx) -> None:
         return {**refresh(project_name), concept_box: target.name, ctx.msg: message(f"renamed to {target.name}", "ok")}
 
     concept_box = concept
-    on(repeats_btn.click, do_repeats, {"project_name": ctx.selector, "concept": concept, "repeats": repeats},
+    renamed = on(repeats_btn.click, do_repeats, {"project_name": ctx.selector, "concept": concept, "repeats": repeats},
        [concepts, gallery, concept, ctx.msg], error_output=ctx.msg)
+    ctx.refresh_after(renamed)
     on(check_btn.click, lambda project_name: {report: check_report(ctx.project(project_name))},
        {"project_name": ctx.selector}, [report], error_output=ctx.msg)
     on(dupes_btn.click, lambda project_name: {report: duplicates_report(ctx.project(project_name))},

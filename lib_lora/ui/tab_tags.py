@@ -72,8 +72,9 @@ def build(ctx) -> None:
         result = run_tagger(project, tagger, threshold, mode)
         return {**refresh(project_name), ctx.msg: message(result, "ok")}
 
-    on(tag_btn.click, do_tag, {"project_name": ctx.selector, "tagger": tagger, "threshold": threshold, "mode": mode},
+    tagged = on(tag_btn.click, do_tag, {"project_name": ctx.selector, "tagger": tagger, "threshold": threshold, "mode": mode},
        [freq, activation, hist, thumbs, ctx.msg], error_output=ctx.msg)
+    ctx.refresh_after(tagged)
 
     def batch(project_name, planner, label, **kw):
         project = ctx.project(project_name)
