@@ -86,11 +86,38 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
     journal = journal_dir / f"{time.time_ns():020d}.json"
     try:
         atomic_write_text(journal, json.dumps({"label": label, "files": old}, ensure_ascii=False))
+    except OSError as exc:  # read-only folder or file system, full disk: nothing was written
+        raise BadInput(f"cannot write captions in {root}: {exc.strerror or exc}; no caption was changed") from exc
+    written: list[Path] = []
+    try:
         for path, text in new.items():
             atomic_write_text(path, text + "\n" if text else "")
-    except PermissionError as exc:
-        raise BadInput(f"cannot write captions in {root}: {exc.strerror or exc}") from exc
+            written.append(path)
+    except OSError as exc:
+        # A caption folder that refuses writes half-way (a read-only concept folder, a full disk): put back the
+        # ones already written so the batch is all-or-nothing, not just each file.
+        restored = _restore(written, old)
+        if restored:
+            journal.unlink(missing_ok=True)
+            tail = "no caption was changed"
+        else:
+            tail = f"{len(written)} caption(s) were changed; run the undo to put them back"
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc}; {tail}") from exc
     return UndoEntry(journal, label, len(new))
+
+
+def _restore(paths: list[Path], old: dict[str, str | None]) -> bool:
+    """Put `paths` back to their journaled bytes; False when that fails too (the journal then stays for undo)."""
+    try:
+        for path in paths:
+            encoded = old[str(path.resolve())]
+            if encoded is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, base64.b64decode(encoded))
+    except OSError:
+        return False
+    return True
 
 
 def _raw_or_none(path: Path) -> str | None:
@@ -125,4 +152,8 @@ def undo_last(folder: str | os.PathLike) -> UndoEntry | None:
         else:
             atomic_write_bytes(path, base64.b64decode(encoded))
     entry.journal.unlink()
+    try:
+        entry.journal.parent.rmdir()  # leave no empty journal folder behind once everything is undone
+    except OSError:
+        pass
     return entry

@@ -36,15 +36,24 @@ def iter_image_files(folder: str | os.PathLike, recursive: bool = False) -> Iter
             yield entry
 
 
-def open_image_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)):
+def open_image_rgb(
+    path: str | os.PathLike,
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft_size: int | tuple[int, int] | None = None,
+):
     """Open an image fully decoded as RGB: EXIF rotation applied, alpha composited on `background`.
 
+    `draft_size` (one side, or (w, h)) lets JPEG decoding skip detail that is not needed (the result is at least
+    that big, not exactly that size): the duplicate finder only looks at thumbnails and a tagger shrinks to 448 px,
+    so a full-size decode of a large photo would dominate their run time.
     Raises IncompatibleFile naming the file when it is unreadable or truncated, so callers can skip and list it.
     """
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
+            if draft_size:
+                img.draft("RGB", (draft_size, draft_size) if isinstance(draft_size, int) else tuple(draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -53,7 +62,7 @@ def open_image_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (
                 canvas.alpha_composite(rgba)
                 return canvas.convert("RGB")
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for broken / truncated files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # broken / truncated / huge
         raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
 
 

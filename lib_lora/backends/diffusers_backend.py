@@ -1,0 +1,259 @@
+"""DiffusersBackend: a diffusers UNet + VAE + transformers CLIP text encoders, for the CLI, the standalone app and tests.
+
+Loads a diffusers folder (`model_index.json`) or a single `.safetensors` / `.ckpt` file (single_file.py), strictly
+offline for single files. Text is encoded the webui's way (text.py) so a LoRA trained here behaves in the webui as
+one trained there. Only this module (and single_file.py) import diffusers; the webui path never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import BadInput, IncompatibleFile
+from . import text as T
+from .base import (
+    Backend,
+    Cond,
+    check_arch,
+    check_prediction_type,
+    default_size_ids,
+    gaussian_like,
+    module_device,
+    module_dtype,
+    scaled_linear_alphas_cumprod,
+    size_ids,
+)
+
+_DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise BadInput(f"unknown weight dtype {dtype!r}: use fp32, fp16 or bf16")
+    return _DTYPES[dtype]
+
+
+def detect_arch(unet, text_encoder, text_encoder_2=None) -> str:
+    """sdxl: two text encoders / size conditioning; sd2: 1024-wide context or an OpenCLIP-style (gelu) encoder."""
+    cfg = unet.config
+    if text_encoder_2 is not None or getattr(cfg, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    cross = cfg.cross_attention_dim
+    if cross == 1024:
+        return "sd2"
+    if cross == 768:
+        return "sd1"
+    return "sd2" if getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu" else "sd1"
+
+
+def schedule_from_config(cfg: dict) -> torch.Tensor:
+    """alphas_cumprod from a diffusers scheduler config (scaled_linear or linear betas)."""
+    steps = int(cfg.get("num_train_timesteps", 1000))
+    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        return scaled_linear_alphas_cumprod(start, end, steps)
+    if kind == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float64)
+        return torch.cumprod(1.0 - betas, 0).to(torch.float32)
+    raise IncompatibleFile(f"unsupported beta_schedule {kind!r} in the scheduler config")
+
+
+class DiffusersBackend(Backend):
+    """Backend over diffusers / transformers components (which it owns, or borrows and hands back restored)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer=None, text_encoder_2=None, tokenizer_2=None, *,
+                 arch: str | None = None, prediction_type: str | None = None, alphas_cumprod: torch.Tensor | None = None,
+                 scheduler=None, device: str | torch.device | None = None) -> None:
+        super().__init__()
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        if tokenizer is None:
+            from ..clip_tokenizer import load_clip_tokenizer
+
+            tokenizer = load_clip_tokenizer()
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2 or tokenizer
+        self.arch = check_arch(arch or detect_arch(unet, text_encoder, text_encoder_2))
+        sched_cfg = dict(getattr(scheduler, "config", None) or {})
+        self.prediction_type = check_prediction_type(prediction_type or sched_cfg.get("prediction_type") or "epsilon")
+        schedule = alphas_cumprod if alphas_cumprod is not None else (
+            schedule_from_config(sched_cfg) if sched_cfg else scaled_linear_alphas_cumprod())
+        if schedule.shape != (1000,):
+            raise IncompatibleFile(f"expected a 1000-step noise schedule, got {tuple(schedule.shape)}")
+        self._alphas = schedule.detach().to(torch.float32).cpu()
+        self.device = module_device(unet)
+        if device is not None:
+            self.device = torch.device(device)
+            for module in self._roots():
+                module.to(self.device)
+        self.text_encoders = {"te": text_encoder} if self.arch != "sdxl" else {"te1": text_encoder, "te2": text_encoder_2}
+        if self.arch == "sdxl" and text_encoder_2 is None:
+            raise IncompatibleFile("an SDXL model needs two text encoders; text_encoder_2 is missing")
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype=None, vae_dtype=None,
+                        prediction_type: str | None = None) -> "DiffusersBackend":
+        """Load a diffusers folder (what `--pretrained_model_name_or_path` names), from local files only."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        root = Path(folder)
+        index_file = root / "model_index.json"
+        if not index_file.is_file():
+            raise BadInput(f"not a diffusers model folder (no model_index.json): {root}")
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise IncompatibleFile(f"unreadable model_index.json in {root}: {exc}") from None
+        dtype, vae_dtype = parse_dtype(dtype), parse_dtype(vae_dtype)
+        kw = dict(local_files_only=True)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=dtype, **kw)
+            vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, **kw)
+            te = CLIPTextModel.from_pretrained(str(root / "text_encoder"), torch_dtype=dtype, **kw)
+            te2 = None
+            if "text_encoder_2" in index and (root / "text_encoder_2").is_dir():
+                te2 = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"), torch_dtype=dtype, **kw)
+        except (OSError, ValueError) as exc:
+            raise IncompatibleFile(f"cannot load the diffusers model in {root}: {str(exc).splitlines()[0]}") from None
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer")) if (root / "tokenizer").is_dir() else None
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2")) if (root / "tokenizer_2").is_dir() else None
+        sched_cfg = {}
+        sched_file = root / "scheduler" / "scheduler_config.json"
+        if sched_file.is_file():
+            sched_cfg = json.loads(sched_file.read_text(encoding="utf-8"))
+        for module in (unet, vae, te, te2):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        backend = cls(unet, vae, te, tokenizer, te2, tokenizer_2,
+                      prediction_type=prediction_type or sched_cfg.get("prediction_type"),
+                      alphas_cumprod=schedule_from_config(sched_cfg) if sched_cfg else None, device=device)
+        return backend
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, config: str | os.PathLike | None = None, device=None,
+                         dtype=None, vae_dtype=None, prediction_type: str | None = None) -> "DiffusersBackend":
+        """Load a `.safetensors` / `.ckpt` checkpoint (+ its same-name `.yaml` when present), offline."""
+        from .single_file import load_single_file
+
+        parts = load_single_file(path, config=config, prediction_type=prediction_type, dtype=parse_dtype(dtype),
+                                 vae_dtype=parse_dtype(vae_dtype))
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts.get("text_encoder_2"),
+                   parts.get("tokenizer_2"), arch=parts["arch"], prediction_type=parts["prediction_type"],
+                   alphas_cumprod=parts["alphas_cumprod"], device=device)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs) -> "DiffusersBackend":
+        """A diffusers folder or a single checkpoint file, whichever `path` is."""
+        p = Path(path)
+        if p.is_dir():
+            kwargs.pop("config", None)
+            return cls.from_pretrained(p, **kwargs)
+        if p.is_file():
+            return cls.from_single_file(p, **kwargs)
+        raise BadInput(f"model not found: {p}")
+
+    # ---- facts ------------------------------------------------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        if self._alphas.device != self.device:
+            self._alphas = self._alphas.to(self.device)
+        return self._alphas
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    # ---- work -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels, *, sample=True, generator=None):
+        with self._module_on_device(self.vae):
+            x = pixels.to(self.device, module_dtype(self.vae))
+            dist = self.vae.encode(x).latent_dist
+            z = dist.mean + dist.std * gaussian_like(dist.mean, generator) if sample else dist.mean
+        return (z * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        with self._module_on_device(self.vae):
+            z = latents.to(self.device, module_dtype(self.vae)) / self.scaling_factor
+            pixels = self.vae.decode(z).sample
+        return pixels.float().clamp(-1, 1)
+
+    def encode_prompts(self, texts, clip_skip=1, max_tokens=75, sizes=None, *, pad_chunks=False) -> Cond:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise BadInput("no captions to encode")
+        if int(clip_skip) < 1:
+            raise BadInput(f"clip_skip must be 1 or more; got {clip_skip}")
+        tokens = T.tokenize(self.tokenizer, texts)
+        batch = len(texts)
+
+        def ids(pad_id: int) -> torch.Tensor:
+            chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
+            return chunked.reshape(-1, T.CONTEXT).to(self.device)
+
+        with self._text_grad_context(), self.autocast():
+            if self.arch != "sdxl":
+                pad = 0 if self.arch == "sd2" else T.EOS_ID  # SD2's encoder is OpenCLIP: pads with 0
+                states = T.encode_hf_clip(self.text_encoder, ids(pad), clip_skip=int(clip_skip))
+                return Cond(T.join_chunks(states, batch).float())
+            # SDXL: CLIP-L hidden layer -2 (no final norm) ++ OpenCLIP-bigG penultimate; pooled from chunk 0
+            states1 = T.encode_hf_clip(self.text_encoder, ids(T.EOS_ID), hidden_index=-2)
+            states2, pooled = T.encode_hf_clip(self.text_encoder_2, ids(0), hidden_index=-2, pooled=True)
+        crossattn = T.join_chunks(torch.cat([states1.float(), states2.float()], dim=-1), batch)
+        pooled = pooled.float().reshape(batch, -1, pooled.shape[-1])[:, 0]
+        return Cond(crossattn, pooled, size_ids(sizes, batch, self.device))
+
+    def predict(self, noisy, timesteps, cond: Cond):
+        noisy = noisy.to(self.device)
+        timesteps = timesteps.to(self.device)
+        in_dtype = torch.float32 if self.compute_dtype is not None else module_dtype(self.unet)
+        kwargs = {}
+        if self.arch == "sdxl":
+            if cond.pooled is None:
+                raise BadInput("SDXL conditioning needs the pooled text embedding; encode it with this backend")
+            time_ids = cond.time_ids if cond.time_ids is not None else default_size_ids(noisy, self.vae_scale)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(self.device, in_dtype),
+                                           "time_ids": time_ids.to(self.device, in_dtype)}
+        with self.autocast():
+            out = self.unet(noisy.to(in_dtype), timesteps, encoder_hidden_states=cond.crossattn.to(self.device, in_dtype),
+                            **kwargs).sample
+        return out.float()
+
+    # ---- training state ---------------------------------------------------------------------------------------
+    def _roots(self):
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def _vae_module(self):
+        return self.vae
+
+    def _text_modules(self):
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def _checkpoint_modules(self, with_text_encoder: bool):
+        blocks = list(self.unet.down_blocks) + [self.unet.mid_block] + list(self.unet.up_blocks)
+        if with_text_encoder:
+            for te in self._text_modules():
+                blocks += list(T.hf_text_core(te).encoder.layers)
+        return [b for b in blocks if b is not None]
+
+    def _after_restore(self) -> None:
+        self.device = module_device(self.unet)
+
+    def components(self) -> dict:
+        """The parts, named as a diffusers pipeline names them."""
+        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        if self.text_encoder_2 is not None:
+            parts.update(text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+        return parts

@@ -1,0 +1,255 @@
+"""A kohya `networks.lora` network over a model: build from targets, attach, detach, train, load.
+
+`LoraNetwork` is an `nn.Module` whose children are the `LoraModule`s under their kohya names, so its
+`state_dict()` holds exactly the keys a kohya file holds (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`)
+and nothing of the base model. `apply()` / `restore()` are exact inverses; `inject()` wraps them in a context
+manager that restores even when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import IncompatibleFile
+from .config import NetworkConfig
+from .keys import module_names, normalise_state_dict, split_key
+from .modules import ForwardPatch, LoraModule, MhaAdapter, linear_patch
+from .targets import MHA_PARTS, Target
+
+_PART_OF = {name: part for name, part in (("self_attn_q_proj", "q"), ("self_attn_k_proj", "k"),
+                                          ("self_attn_v_proj", "v"), ("self_attn_out_proj", "out"))}
+
+
+def _mha_part(name: str) -> str:
+    for suffix, part in _PART_OF.items():
+        if name.endswith("_" + suffix):
+            return part
+    raise ValueError(f"{name}: a MultiheadAttention target must be a q/k/v/out projection")
+
+
+def is_text_encoder_name(name: str) -> bool:
+    return name.startswith("lora_te")
+
+
+class LoraNetwork(nn.Module):
+    """LoRA / LoCon modules for a list of `(kohya_name, layer)` targets.
+
+    Ranks: Linear, 1x1 conv and MHA parts get `cfg.dim` / `cfg.alpha`; kxk convs `cfg.conv_dim` / `cfg.conv_alpha`
+    (targets with a kxk conv but no conv_dim are skipped, as sd-scripts does). `ranks` overrides per module
+    `{name: (rank, alpha)}` (used when loading a file whose ranks vary).
+    """
+
+    def __init__(
+        self,
+        targets: Iterable[Target],
+        cfg: NetworkConfig | None = None,
+        *,
+        multiplier: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        ranks: Mapping[str, tuple[int, float]] | None = None,
+        mha_before: Callable[[nn.Module], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg or NetworkConfig()
+        self._patches: list[ForwardPatch] = []
+        self._applied = False
+        self._mha_before = mha_before
+        for name, module in targets:
+            if ranks is not None:
+                if name not in ranks:
+                    continue
+                rank, alpha = ranks[name]
+            else:
+                picked = self._rank_for(module)
+                if picked is None:
+                    continue
+                rank, alpha = picked
+            part = _mha_part(name) if isinstance(module, nn.MultiheadAttention) else None
+            lora = LoraModule(
+                name, module, rank, alpha, part=part, dropout=self.cfg.dropout, rank_dropout=self.cfg.rank_dropout,
+                module_dropout=self.cfg.module_dropout, dtype=dtype,
+            )
+            self.add_module(name, lora)
+        self.multiplier = multiplier
+
+    def _rank_for(self, module: nn.Module) -> tuple[int, float] | None:
+        cfg = self.cfg
+        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1):
+            return (cfg.conv_dim, cfg.effective_conv_alpha) if cfg.conv_dim else None
+        return cfg.dim, cfg.effective_alpha
+
+    # ------------------------------------------------------------------------------------------- access
+    def loras(self) -> Iterator[LoraModule]:
+        for child in self.children():
+            if isinstance(child, LoraModule):
+                yield child
+
+    def names(self) -> list[str]:
+        return [lora.lora_name for lora in self.loras()]
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        self._multiplier = float(value)
+        for lora in self.loras():
+            lora.multiplier = self._multiplier
+
+    def param_groups(self, unet_lr: float | None, text_encoder_lr: float | None) -> list[dict]:
+        """Optimizer parameter groups: UNet LoRA params at `unet_lr`, text-encoder ones at `text_encoder_lr`
+        (None = leave the optimizer's default lr). Empty groups and lr 0 groups are left out."""
+        groups = []
+        for is_te, lr in ((False, unet_lr), (True, text_encoder_lr)):
+            params = [p for lora in self.loras() if is_text_encoder_name(lora.lora_name) == is_te
+                      for p in lora.parameters()]
+            if not params or lr == 0:
+                continue
+            group: dict = {"params": params, "name": "text_encoder" if is_te else "unet"}
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+        return groups
+
+    # ---------------------------------------------------------------------------------- attach / detach
+    @property
+    def applied(self) -> bool:
+        return self._applied
+
+    def apply(self) -> "LoraNetwork":
+        """Attach every module to its layer (idempotent). The base weights are not touched."""
+        if self._applied:
+            return self
+        patches: list[ForwardPatch] = []
+        adapters: dict[int, MhaAdapter] = {}
+        for lora in self.loras():
+            if lora.part is None:
+                patches.append(linear_patch(lora))
+                continue
+            adapter = adapters.get(id(lora.target))
+            if adapter is None:
+                adapter = adapters[id(lora.target)] = MhaAdapter(lora.target, self._mha_before)
+                patches.append(adapter.patch)
+            adapter.add(lora)
+        done: list[ForwardPatch] = []
+        try:
+            for patch in patches:
+                patch.install()
+                done.append(patch)
+        except BaseException:
+            for patch in reversed(done):
+                patch.remove()
+            raise
+        self._patches = done
+        self._applied = True
+        return self
+
+    def restore(self) -> None:
+        """Detach every module (idempotent): each layer's instance `forward` is removed again."""
+        if not self._applied:
+            return
+        errors = []
+        for patch in reversed(self._patches):
+            try:
+                patch.remove()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        self._patches = []
+        self._applied = False
+        if errors:
+            raise RuntimeError(errors[0])
+
+    @contextlib.contextmanager
+    def inject(self) -> Iterator["LoraNetwork"]:
+        """`with net.inject(): ...` attaches, and restores on exit whatever happened inside."""
+        self.apply()
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    # --------------------------------------------------------------------------------------- kohya files
+    def load_kohya(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load a kohya LoRA state dict into this network (shapes must fit; 2-D <-> 1x1 4-D is reshaped).
+
+        Raises IncompatibleFile naming the file's modules this network does not have, or mismatched shapes.
+        Modules of the network that the file lacks keep their values (a partial LoRA is fine)."""
+        tensors = normalise_state_dict(state_dict)
+        own = dict(self.named_children())
+        unmatched = [name for name in module_names(tensors) if name not in own]
+        if unmatched:
+            raise IncompatibleFile(_unmatched_message(unmatched, len(module_names(tensors))))
+        updates: dict[str, torch.Tensor] = {}
+        bad = []
+        current = self.state_dict()
+        for key, value in tensors.items():
+            target = current.get(key)
+            if target is None:
+                bad.append(f"{key} (not a LoRA tensor)")
+            elif value.shape == target.shape:
+                updates[key] = value
+            elif value.numel() == target.numel() and _squeezable(value.shape, target.shape):
+                updates[key] = value.reshape(target.shape)
+            else:
+                bad.append(f"{key} {tuple(value.shape)} != {tuple(target.shape)}")
+        if bad:
+            raise IncompatibleFile(f"LoRA shapes do not fit the model: {', '.join(bad[:5])}"
+                                   + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        with torch.no_grad():
+            for key, value in updates.items():
+                current[key].copy_(value.to(current[key].dtype))
+
+    @classmethod
+    def from_kohya(
+        cls,
+        targets: Iterable[Target],
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        multiplier: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        mha_before: Callable[[nn.Module], None] | None = None,
+    ) -> "LoraNetwork":
+        """A network built from a kohya file's own ranks and alphas (they may vary per module), in eval mode.
+
+        `targets` must cover the file: pass LoCon targets (a config with conv_dim) to load LoCon files. Raises
+        IncompatibleFile listing the file's modules that match no target (e.g. a LoRA for another architecture)."""
+        tensors = normalise_state_dict(state_dict)
+        names = module_names(tensors)
+        targets = list(targets)
+        known = {name for name, _ in targets}
+        unmatched = [name for name in names if name not in known]
+        if unmatched:
+            raise IncompatibleFile(_unmatched_message(unmatched, len(names)))
+        ranks = {}
+        for name in names:
+            down = tensors[f"{name}.lora_down.weight"]
+            alpha = tensors.get(f"{name}.alpha")
+            ranks[name] = (int(down.shape[0]), float(alpha) if alpha is not None else float(down.shape[0]))
+        net = cls(targets, NetworkConfig(), multiplier=multiplier, dtype=dtype, ranks=ranks, mha_before=mha_before)
+        net.load_kohya(tensors)
+        return net.eval()
+
+
+def _squeezable(a: torch.Size, b: torch.Size) -> bool:
+    """2-D (r, C) <-> 4-D (r, C, 1, 1): the same 1x1 LoRA written for a Linear or a 1x1 conv projection."""
+    return tuple(a[:2]) == tuple(b[:2]) and all(s == 1 for s in tuple(a[2:]) + tuple(b[2:]))
+
+
+def _unmatched_message(unmatched: list[str], total: int) -> str:
+    shown = ", ".join(unmatched[:6])
+    more = f" and {len(unmatched) - 6} more" if len(unmatched) > 6 else ""
+    hint = " (a LoRA for another architecture?)" if len(unmatched) == total else ""
+    return f"{len(unmatched)} of {total} LoRA modules match no layer of this model{hint}: {shown}{more}"
+
+
+def inject(targets: Iterable[Target], cfg: NetworkConfig | None = None, **kwargs) -> contextlib.AbstractContextManager:
+    """`with inject(targets, cfg) as net:` builds a network, attaches it and always restores the model."""
+    return LoraNetwork(targets, cfg, **kwargs).inject()
+
+
+__all__ = ["LoraNetwork", "inject", "is_text_encoder_name", "MHA_PARTS", "split_key"]
