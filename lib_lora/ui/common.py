@@ -20,10 +20,12 @@ def message(text: str, kind: str = "info") -> str:
     return f"<div class='lora-train-msg {css}'>{html.escape(text)}</div>"
 
 
-def on(event, fn: Callable[..., Mapping], inputs: Mapping[str, Any], outputs, error_output=None, **kwargs):
+def on(event, fn: Callable[..., Mapping], inputs: Mapping[str, Any], outputs, error_output=None,
+       progress: bool = False, **kwargs):
     """Wire `event` so `fn(**{name: value})` is called; a LoraTrainError becomes a red message in `error_output`.
 
     `outputs` is a list of components; `fn` returns a dict {component: value} for the ones it changes.
+    With `progress=True`, `fn` also gets `progress=` (gradio's progress bar over the outputs).
     """
     names = list(inputs)
     components = [inputs[n] for n in names]
@@ -31,9 +33,9 @@ def on(event, fn: Callable[..., Mapping], inputs: Mapping[str, Any], outputs, er
     if error_output is not None and error_output not in outs:
         outs.append(error_output)
 
-    def handler(*values):
+    def call(values, extra):
         try:
-            result = fn(**dict(zip(names, values))) or {}
+            result = fn(**dict(zip(names, values)), **extra) or {}
         except LoraTrainError as exc:
             if error_output is None:
                 raise
@@ -44,5 +46,14 @@ def on(event, fn: Callable[..., Mapping], inputs: Mapping[str, Any], outputs, er
                 raise
             return {error_output: message(f"internal error: {type(exc).__name__}: {exc}", "error")}
         return result
+
+    if progress:
+        import gradio as gr
+
+        def handler(*values, progress=gr.Progress()):
+            return call(values, {"progress": progress})
+    else:
+        def handler(*values):
+            return call(values, {})
 
     return event(handler, inputs=components, outputs=outs, **kwargs)

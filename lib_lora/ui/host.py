@@ -85,6 +85,9 @@ class Host(Protocol):
     def training_session(self, job) -> ContextManager:
         """Exclusive use of the model for one job: yields a Backend, restores everything on exit."""
 
+    def exclusive(self, label: str) -> ContextManager:
+        """Exclusive use of the device for other work (tagging, merging), queued behind generations / training."""
+
     def pause_gate(self, job) -> ContextManager:
         """Entered while a job is paused: the model is free for other work inside it."""
 

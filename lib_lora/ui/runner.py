@@ -21,37 +21,30 @@ def build_dataset(cfg):
 
 
 def write_card(path: Path, job: Job, sd_version: str) -> None:
-    """The Lora card's `<stem>.json`: activation text, preferred weight, sd version (when the engine did not)."""
-    sidecar = path.with_suffix(".json")
-    if sidecar.exists():
-        return
-    meta = job.meta or {}
-    try:
-        from ..network import write_sidecar
-    except ImportError:
-        write_sidecar = None
-    description = f"LoRA Train project {job.project}"
-    if write_sidecar is not None:
-        write_sidecar(path, meta.get("activation_tag", ""), float(meta.get("preferred_weight", 0.8) or 0.8),
-                      sd_version, description)
-        return
+    """The Lora card's `<stem>.json` with the project's activation tag and preferred weight (the engine writes one
+    with the concept names; the tag chosen in the Tags tab wins)."""
     import json
 
-    from ..fsutil import atomic_write_text
+    from ..network import write_sidecar
 
-    atomic_write_text(sidecar, json.dumps({
-        "description": description, "sd version": sd_version,
-        "activation text": meta.get("activation_tag", ""),
-        "preferred weight": float(meta.get("preferred_weight", 0.8) or 0.8), "notes": "",
-    }, indent=4))
+    sidecar = path.with_suffix(".json")
+    meta = job.meta or {}
+    activation = str(meta.get("activation_tag") or "")
+    if not activation and sidecar.is_file():
+        try:
+            activation = json.loads(sidecar.read_text(encoding="utf-8")).get("activation text", "")
+        except ValueError:
+            activation = ""
+    weight = float(meta.get("preferred_weight") or 0.0)
+    write_sidecar(path, activation, weight, sd_version, f"LoRA Train project {job.project}, epoch file {path.name}")
 
 
 def make_runner(host):
     """The JobQueue runner for `host`."""
 
     def run(job: Job) -> None:
-        from ..train import train  # the engine's loop
         from ..train import events as ev
+        from ..train.loop import train  # the engine's loop
 
         host.check_can_train()
         info = host.model_info()

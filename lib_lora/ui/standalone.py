@@ -113,6 +113,11 @@ class StandaloneHost:
             yield self.backend()
 
     @contextlib.contextmanager
+    def exclusive(self, label: str) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    @contextlib.contextmanager
     def pause_gate(self, job) -> Iterator[None]:
         self._lock.release()
         try:

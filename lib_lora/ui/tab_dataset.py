@@ -23,40 +23,38 @@ def gallery_items(project, limit: int = 200) -> list[tuple[str, str]]:
 
 
 def check_report(project, resolution: str = "512") -> str:
-    """Markdown report: what training would see (the dataset engine's own scan: unreadable or too-small images,
-    folders not named N_concept, missing captions, buckets), then the image checks when that engine is present."""
+    """Markdown report: the image check (unreadable, too small, grayscale, missing or empty captions, activation tag
+    missing, captions over 75 tokens, folder layout), then what training would see (counts and buckets)."""
     from ..dataset import Dataset, DatasetOptions
+    from ..tagging.check import CHECKS, check_dataset
 
-    images = project.images()
-    if not images:
+    if not project.images():
         raise BadInput(f"project {project.name!r} has no images yet: import a folder first")
-    dataset = Dataset.build(DatasetOptions.from_config(
-        {"train_data_dir": str(project.dataset), "resolution": resolution, "enable_bucket": True}))
-    lines = [f"**{len(images)} images** in {len(project.concepts())} concept folder(s)", ""]
-    lines += [f"- {line}" for line in dataset.summary_lines()]
-    empty = [p.name for p in images if caption_path(p).is_file() and not read_caption(caption_path(p))]
-    if empty:
-        lines.append(f"- {len(empty)} with an empty caption: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    report = check_dataset(project.dataset, min_side=256, activation=project.meta.activation_tag or None)
+    lines = [f"**{report.images} images** in {len(report.concepts)} concept folder(s): "
+             f"{report.errors} error(s), {report.warnings} warning(s)", ""]
+    for f in report.findings:
+        severity, title, fix = CHECKS[f.code]
+        lines.append(f"- **{severity}** {title}: `{f.path}` {f.detail}" + (f" ({fix})" if fix else ""))
     try:
-        from ..tagging import check as tag_check  # image checks (landing separately)
-    except ImportError:
-        tag_check = None
-    if tag_check is not None and hasattr(tag_check, "check_folder"):
-        for concept in project.concepts():
-            for problem in tag_check.check_folder(concept.folder):
-                lines.append(f"- {problem}")
+        dataset = Dataset.build(DatasetOptions.from_config(
+            {"train_data_dir": str(project.dataset), "resolution": resolution, "enable_bucket": True}))
+        lines += ["", "What training will use:"] + [f"- {line}" for line in dataset.summary_lines()]
+    except BadInput as exc:
+        lines += ["", f"- **error** training cannot use this dataset: {exc}"]
     return "\n".join(lines)
 
 
 def duplicates_report(project) -> str:
-    try:
-        from ..tagging import dedupe
-    except ImportError:
-        raise BadInput("duplicate detection is not available in this build") from None
-    groups = dedupe.find_duplicates(project.images())
-    if not groups:
-        return "No near-duplicates found."
-    return "\n".join("- " + ", ".join(p.name for p in group) for group in groups)
+    from ..tagging.dedupe import find_duplicates
+
+    result = find_duplicates(project.dataset)
+    if not result.groups:
+        return f"No near-duplicates among {result.scanned} images."
+    lines = [f"{len(result.groups)} group(s) of near-duplicates among {result.scanned} images (first = kept):"]
+    for group in result.groups:
+        lines.append("- " + ", ".join(str(p.relative_to(project.dataset)) for p in group.members))
+    return "\n".join(lines)
 
 
 def build(ctx) -> None:

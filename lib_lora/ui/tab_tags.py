@@ -10,23 +10,60 @@ from . import tagops
 from .common import message, on
 
 
-def run_tagger(project, kind: str, threshold: float, mode: str, progress=None) -> str:
-    try:
-        from ..tagging import runner
-    except ImportError:
-        raise BadInput("the taggers are not available in this build") from None
-    images = project.images()
-    if not images:
+def load_tagger(kind: str, threshold: float):
+    """WD14 (onnxruntime) or BLIP (torch); the model files are found or fetched by lib_lora.tagging.models."""
+    from ..tagging import models
+
+    if kind.lower() == "wd14":
+        from ..tagging.wd14 import Wd14Tagger
+
+        return Wd14Tagger(models.locate_wd14(models.DEFAULT_WD14_REPO, None, None), float(threshold))
+    if kind.lower() == "blip":
+        from ..tagging.blip import BlipCaptioner
+
+        return BlipCaptioner(models.locate_blip(models.DEFAULT_BLIP_REPO, None, None))
+    raise BadInput(f"unknown tagger {kind!r}: choose WD14 or BLIP")
+
+
+def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progress=None) -> str:
+    """Tag every image of the project in one undoable batch; the tagger is freed afterwards."""
+    import contextlib
+    import gc
+
+    from ..tagging.runner import MODES, tag_folder
+
+    if mode not in MODES:
+        raise BadInput(f"mode must be one of {', '.join(MODES)}")
+    if not project.images():
         raise BadInput("no images to tag: import a folder first")
-    result = runner.tag_images(images, kind=kind.lower(), threshold=threshold, mode=mode, folder=project.dataset)
-    return str(result)
+    exclusive = host.exclusive(f"LoRA Train tagging {project.name}") if host is not None and hasattr(host, "exclusive") \
+        else contextlib.nullcontext()
+    with exclusive:
+        tagger = load_tagger(kind, threshold)
+        try:
+            result = tag_folder(project.dataset, tagger, mode=mode, recursive=True, progress=progress)
+        finally:
+            del tagger
+            gc.collect()
+            with contextlib.suppress(Exception):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    text = f"tagged {len(result.tagged)} of {result.images} images, {len(result.written)} captions changed"
+    if result.failed:
+        text += f", {len(result.failed)} unreadable (first: {result.failed[0][0].name}: {result.failed[0][1]})"
+    if result.interrupted:
+        text += " (interrupted)"
+    return text
 
 
 def build(ctx) -> None:
     with gr.Row():
         tagger = gr.Dropdown(["WD14", "BLIP"], value="WD14", label="Tagger", elem_id="lora_train_tagger")
         threshold = gr.Slider(0.05, 0.95, value=0.35, step=0.05, label="Threshold (WD14)")
-        mode = gr.Radio(["append", "overwrite", "skip captioned"], value="append", label="Existing captions")
+        mode = gr.Radio(["append", "prepend", "overwrite", "skip"], value="append",
+                        label="Existing captions (skip = leave captioned images alone)")
         tag_btn = gr.Button("Tag images", elem_id="lora_train_tag_run")
     with gr.Row():
         with gr.Column(scale=1):
@@ -67,13 +104,14 @@ def build(ctx) -> None:
 
     ctx.on_project_change(refresh, [freq, activation, hist, thumbs])
 
-    def do_tag(project_name, tagger, threshold, mode):
+    def do_tag(project_name, tagger, threshold, mode, progress=None):
         project = ctx.project(project_name)
-        result = run_tagger(project, tagger, threshold, mode)
+        report = (lambda done, total: progress((done, total), desc="tagging")) if progress is not None else None
+        result = run_tagger(project, tagger, threshold, mode, ctx.host, report)
         return {**refresh(project_name), ctx.msg: message(result, "ok")}
 
     tagged = on(tag_btn.click, do_tag, {"project_name": ctx.selector, "tagger": tagger, "threshold": threshold, "mode": mode},
-       [freq, activation, hist, thumbs, ctx.msg], error_output=ctx.msg)
+       [freq, activation, hist, thumbs, ctx.msg], error_output=ctx.msg, progress=True)
     ctx.refresh_after(tagged)
 
     def batch(project_name, planner, label, **kw):

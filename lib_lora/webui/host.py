@@ -106,6 +106,18 @@ class WebuiHost:
                 shared.state.end()
 
     @contextlib.contextmanager
+    def exclusive(self, label: str) -> Iterator[None]:
+        """GPU work other than training (tagging, merging): in the queue like a generation."""
+        from modules import call_queue, shared
+
+        with call_queue.queue_lock:
+            shared.state.begin(job=label)
+            try:
+                yield
+            finally:
+                shared.state.end()
+
+    @contextlib.contextmanager
     def pause_gate(self, job) -> Iterator[None]:
         """While paused the queue lock is free, so txt2img can run on the restored model."""
         from modules import call_queue, shared
