@@ -102,9 +102,9 @@ class StandaloneHost:
     def backend(self):
         """The diffusers backend over the model, loaded once."""
         if self._backend is None:
-            from ..backends import DiffusersBackend
+            from ..backends import load_backend
 
-            self._backend = DiffusersBackend.load(str(self.model_path), device=self._device())
+            self._backend = load_backend(str(self.model_path), device=self._device())
         return self._backend
 
     @contextlib.contextmanager
@@ -130,16 +130,12 @@ class StandaloneHost:
 
     # -- files
     def check_saved_lora(self, path: Path) -> str:
-        """Outside the webui: the file must load back into our own network for this model, every key matched."""
-        from ..network import load_lora
+        """Outside the webui: the file must load back into this model with every module matched."""
+        from ..network import LoraNetwork, load_lora
+        from .grid import _targets
 
         tensors, _meta = load_lora(path)
-        with self._lock:
-            backend = self.backend()
-        from ..network import LoraNetwork, NetworkConfig
-
-        net = LoraNetwork.from_targets(backend.lora_targets(NetworkConfig.from_state_dict(tensors)))
-        net.load_kohya(tensors)
+        LoraNetwork.from_kohya(_targets(self.backend()), tensors)  # IncompatibleFile names unmatched modules
         modules = {k.partition(".")[0] for k in tensors}
         return f"ok: all {len(modules)} modules load back into this model"
 
@@ -161,7 +157,7 @@ class StandaloneHost:
         return [f.name for f in files]
 
     def merge(self, request: MergeRequest) -> Path:
-        from ..merge import merge_loras_into_checkpoint
+        from ..merge import merge_loras
 
         source = self.ckpt_dir / request.checkpoint
         if not source.is_file():
@@ -170,6 +166,6 @@ class StandaloneHost:
         if out.exists():
             raise BadInput(f"{out.name} already exists; choose another name")
         with self._lock:
-            merge_loras_into_checkpoint(str(source), [(str(p), float(w)) for p, w in request.loras], out,
-                                        save_precision=request.save_precision)
+            merge_loras(str(source), [(str(p), float(w)) for p, w in request.loras], out,
+                        precision=request.save_precision)
         return out

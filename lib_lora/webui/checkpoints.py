@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ..errors import BadInput
@@ -26,17 +25,14 @@ def merge_into_checkpoint(request: MergeRequest) -> Path:
     out = checkpoint_dir() / f"{name}.safetensors"
     if out.exists():
         raise BadInput(f"{out.name} already exists in {out.parent}; choose another name")
-    from ..merge import merge_loras_into_checkpoint
+    from ..merge import merge_loras
 
     with call_queue.queue_lock:  # a merge is RAM- and disk-heavy: not while a generation or training runs
         shared.state.begin(job="LoRA Train merge")
         try:
-            merge_loras_into_checkpoint(info.filename, [(str(p), float(w)) for p, w in request.loras], out,
-                                        save_precision=request.save_precision)
+            merge_loras(info.filename, [(str(p), float(w)) for p, w in request.loras], out,
+                        precision=request.save_precision)
         finally:
             shared.state.end()
-    source_yaml = Path(info.filename).with_suffix(".yaml")
-    if source_yaml.is_file():
-        shutil.copyfile(source_yaml, out.with_suffix(".yaml"))
-    sd_models.list_models()
+    sd_models.list_models()  # the merger copied the source's .yaml beside it; the new title is listed now
     return out
