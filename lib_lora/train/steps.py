@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..imagefiles import is_image_file
 from .config import TrainConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CONCEPT = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -28,11 +28,11 @@ def count_concepts(root: str | Path) -> list[ConceptCount]:
     """`N_concept` subfolders of `root` with their image counts (any letter case of the extensions)."""
     root = Path(root)
     found = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = _CONCEPT.match(sub.name)
         if not match:
             continue
-        n = sum(1 for f in sub.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        n = sum(1 for f in sub.iterdir() if not f.name.startswith(".") and f.is_file() and is_image_file(f))
         found.append(ConceptCount(sub.name, int(match.group(1)), n))
     return found
 
@@ -94,8 +94,10 @@ def plan_from_folders(cfg: TrainConfig, num_processes: int = 1) -> StepPlan:
     """The plan from the folders alone (no buckets: each batch is full), for the tab and the CLI preview."""
     train = count_concepts(cfg.train_data_dir) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
     reg = count_concepts(cfg.reg_data_dir) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
+    from ..dataset.plan import split_counts
+
     held_out = cfg.validation_split if not cfg.validation_data_dir else 0.0
-    repeated = sum(c.repeats * (c.images - int(c.images * held_out)) for c in train)
+    repeated = sum(c.repeats * split_counts(c.images, held_out)[0] for c in train)
     return plan_steps(
         cfg,
         repeated_images=repeated,

@@ -1,0 +1,418 @@
+"""The training run: `train(cfg, backend, dataset, control)` yields events until done, stopped or failed.
+
+Exactness is designed in: every random draw of a batch (noise, timesteps, offset noise, dropout, VAE
+sampling) comes from a seed made of (seed, epoch, batch index), and the dataset's batch plan is a pure function
+of (seed, epoch). So a run that is paused, stopped and resumed (any number of times) computes the same numbers
+as one that never stopped. The model handed in is restored in `finally`: hooks removed, the backend's
+training changes undone, the global RNG as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import random
+import time
+from contextlib import nullcontext
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import BadInput
+from . import dist as dist_mod
+from .config import TrainConfig, effective_lrs, sample_prompt_lines
+from .events import (
+    Continued, Done, EpochEnd, Event, Failed, Interrupted, Note, Paused, Sample, Saved, Started, StepEnd,
+    TrainControl, Validation,
+)
+from .loss import add_noise, diffusion_loss, offset_noise, per_sample_mse, target_for
+from .metadata import activation_text, training_metadata
+from .netglue import build_network, load_weights, save_network
+from .optim import build_optimizer, current_lrs
+from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
+from .prompts import parse_prompt
+from .state import TrainState, load_state, save_state, settings_digest
+from .steps import plan_steps
+from .validate import errors_of, raise_for_problems, validate
+
+MEMO_LIMIT = 4096  # cached text-encoder outputs (only when the text encoder is frozen and captions fixed)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def step_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one batch's random draws, independent of how the run got there (resume, pause)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def call_with_known(fn, **kwargs):
+    """Call a backend method with the keyword arguments its signature names (backends differ in extras)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def train(cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl | None = None) -> Iterator[Event]:
+    """Run (or resume, or dry-run) a training; see docs/training.md for the events and the files written."""
+    return Run(cfg, backend, dataset, control or TrainControl()).events()
+
+
+class Run:
+    def __init__(self, cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl):
+        self.cfg, self.backend, self.data, self.control = cfg, backend, dataset, control
+        self.dist = dist_mod.current()
+        self.device = torch.device(backend.device)
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        self.pred_type = "v_prediction" if cfg.v_parameterization else backend.prediction_type
+        self.ac = backend.alphas_cumprod.detach().float().cpu()
+        self.net = self.setup = self.scaler = None
+        self.applied = self.prepared = False
+        self.memo: dict = {}
+        self.files: list[str] = []
+        self.times: collections.deque = collections.deque(maxlen=20)
+        self.log = LossLog(cfg, enabled=False)
+
+    # ------------------------------------------------------------------ setup and teardown
+    def events(self) -> Iterator[Event]:
+        cfg = self.cfg
+        raise_for_problems([p for p in errors_of(validate(cfg, need_model_path=False)) if p.field not in ("train_data_dir", "output_dir")])
+        loaded = load_state(cfg.resume) if cfg.resume else None
+        data_seed = getattr(self.data, "seed", None)
+        seed = loaded.state.seed if loaded else cfg.seed if cfg.seed is not None else data_seed if data_seed is not None else random.randrange(2**31)
+        self.seed = seed
+        self.plan = plan_steps(cfg, self.data.num_train_images, reg_images=getattr(self.data, "num_reg_images", 0),
+                               batches_per_epoch=self.data.batches_per_epoch, num_processes=self.dist.world)
+        if self.plan.total_steps < 1:
+            raise BadInput("the dataset gives no training step (check repeats and train_batch_size)")
+        self.state = loaded.state if loaded else TrainState(seed=seed, total_steps=self.plan.total_steps, started_at=time.time(),
+                                                           session_id=random.randrange(2**31), settings=settings_digest(cfg))
+        self.state.total_steps = self.plan.total_steps
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            if loaded and loaded.state.settings != settings_digest(cfg):
+                yield Note("settings changed since the state was saved: the resumed run will not match an uninterrupted one")
+            if data_seed is not None and data_seed != seed:
+                yield Note(f"the dataset was built with seed {data_seed}, the run uses {seed}: build it with resolve_seed(cfg)")
+            unet_lr, te_lr = effective_lrs(cfg)
+            call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
+                            gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision)
+            self.prepared = True
+            self.train_te = te_lr > 0
+            if (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.dry_run:
+                encoder_id = str(getattr(self.backend, "vae_id", self.backend.arch))
+                self.data.cache_latents(self.backend.encode_images, encoder_id)
+            torch.manual_seed(seed)  # the LoRA's initial down weights
+            self.net = build_network(cfg, self.backend)
+            if cfg.network_weights:
+                load_weights(self.net, cfg.network_weights)
+            self.net.to(self.device)
+            self.net.apply()
+            self.applied = True
+            self.params = [p for p in self.net.parameters() if p.requires_grad]
+            self.dist.broadcast_parameters(self.params)
+            self.setup = build_optimizer(cfg, self.net.param_groups(unet_lr, te_lr), self.plan.total_steps)
+            if self.amp_dtype is torch.float16:
+                self.scaler = torch.amp.GradScaler(self.device.type)
+            if loaded:
+                self.net.load_kohya({k: v.to(self.device) for k, v in loaded.network.items()})
+                self.setup.optimizer.load_state_dict(loaded.optimizer)
+                self.setup.scheduler.load_state_dict(loaded.scheduler)
+                if self.scaler is not None and loaded.scaler:
+                    self.scaler.load_state_dict(loaded.scaler)
+            self.files = list(self.state.saved_files)
+            yield Started(self.plan.total_steps, self.plan.epochs, self.plan.steps_per_epoch, self.state.global_step, seed,
+                          self.plan.describe(cfg))
+            if cfg.dry_run:
+                from .dryrun import measure
+
+                yield measure(self)
+                return
+            self.log = LossLog(cfg, resume_step=self.state.global_step if loaded else None, enabled=self.dist.is_main)
+            yield from self._epochs()
+        except NonFiniteLoss as exc:
+            self.log.flush()
+            yield Failed(f"{exc}: overcooked: lower the learning rate (finished epochs are kept)", self.state.global_step, tuple(self.files))
+        except (RuntimeError, MemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            self.log.flush()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            yield Failed(
+                f"out of memory at step {self.state.global_step + 1}: try train_batch_size 1, gradient_checkpointing, "
+                "cache_latents, a lower resolution, or mixed_precision bf16/fp16", self.state.global_step, tuple(self.files))
+        finally:
+            self._hand_back()
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            self.log.close()
+
+    def _hand_back(self) -> None:
+        """Give the model back exactly as it came: hooks off first, then the backend's own changes."""
+        try:
+            if self.applied:
+                self.net.restore()
+                self.applied = False
+        finally:
+            if self.prepared:
+                self.backend.restore()
+                self.prepared = False
+
+    # ------------------------------------------------------------------ the loop
+    def _epochs(self) -> Iterator[Event]:
+        cfg, st, total = self.cfg, self.state, self.plan.total_steps
+        accum = cfg.gradient_accumulation_steps
+        if st.global_step == 0 and st.epochs_done == 0 and not st.val_losses:
+            yield from self._validate(0)
+        for epoch in range(st.epochs_done + 1, self.plan.epochs + 1):
+            specs = self.dist.shard(list(self.data.epoch_batches(epoch)))
+            for start in range(st.batches_done, len(specs), accum):
+                if st.global_step >= total:
+                    break
+                if self.control.stop_requested:
+                    yield from self._interrupt(epoch)
+                    return
+                chunk = specs[start : start + accum]
+                began = time.perf_counter()
+                loss = self._optimizer_step(chunk)
+                self.times.append(time.perf_counter() - began)
+                st.batches_done += len(chunk)
+                st.global_step += 1
+                st.epoch_loss_sum += loss
+                st.epoch_loss_count += 1
+                yield self._step_event(epoch, -(-st.batches_done // accum), loss)
+                if self.control.take_save_request():
+                    yield from self._save_lora(step_file(cfg, st.global_step), epoch)
+                if self.control.pause_requested:
+                    yield from self._pause()
+                if self.control.stop_requested:
+                    yield from self._interrupt(epoch)
+                    return
+            last = epoch == self.plan.epochs or st.global_step >= total
+            yield from self._epoch_end(epoch, last)
+            if last:
+                break
+        yield self._done()
+
+    def _optimizer_step(self, chunk: list) -> float:
+        total = 0.0
+        for spec in chunk:
+            total += self._forward_backward(spec, 1.0 / len(chunk))
+        opt, sched = self.setup.optimizer, self.setup.scheduler
+        self.dist.average_gradients(self.params)
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return self.dist.all_mean(total / len(chunk))
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _draws(self, latents: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, timesteps) for one batch, drawn on the CPU from its own generator (same numbers on any device)."""
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=gen)
+        if self.cfg.noise_offset:
+            noise = noise + offset_noise(noise, self.cfg.noise_offset, gen)
+        t = torch.randint(0, len(self.ac), (latents.shape[0],), generator=gen)
+        return noise.to(self.device), t.to(self.device)
+
+    def _latents(self, batch) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents.to(self.device, torch.float32)
+        with torch.no_grad(), self._autocast():
+            return self.backend.encode_images(batch.pixels).to(self.device, torch.float32)
+
+    def _cond(self, batch):
+        sizes = None
+        if self.backend.arch == "sdxl":
+            sizes = [(*o, *c, *t) for o, c, t in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]
+        encode = lambda: self.backend.encode_prompts(  # noqa: E731
+            list(batch.captions), self.cfg.clip_skip, self.cfg.max_token_length, sizes=sizes)
+        if self.train_te:
+            return encode()
+        key = (tuple(batch.captions), tuple(sizes) if sizes else None)
+        if key in self.memo:
+            return self.memo[key]
+        with torch.no_grad():
+            cond = encode()
+        if self.memo_ok and len(self.memo) < MEMO_LIMIT:
+            self.memo[key] = cond
+        return cond
+
+    @property
+    def memo_ok(self) -> bool:
+        """Text-encoder outputs may be reused when captions never change between epochs."""
+        if not hasattr(self, "_memo_ok"):
+            variants = getattr(self.data, "caption_variants", None)
+            self._memo_ok = variants is not None and variants() is not None
+        return self._memo_ok
+
+    def _predict_loss(self, batch, seed: int, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)  # dropout in the network, VAE sampling
+        latents = self._latents(batch)
+        noise, t = self._draws(latents, seed)
+        noisy = add_noise(latents, noise, t, self.ac)
+        with self._autocast():
+            pred = self.backend.predict(noisy, t, self._cond(batch))
+        target = target_for(self.pred_type, latents, noise, t, self.ac)
+        if not weights:
+            per = per_sample_mse(pred, target)
+            return per.mean(), per
+        return diffusion_loss(pred, target, t, self.ac, self.pred_type, batch.loss_weights, self.cfg.min_snr_gamma)
+
+    def _forward_backward(self, spec, scale: float) -> float:
+        batch = self.data.load_batch(spec)
+        loss, _ = self._predict_loss(batch, step_seed(self.seed, spec.epoch, spec.index))
+        value = loss.item()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1} (epoch {spec.epoch})")
+        scaled = loss * scale
+        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return value
+
+    def _step_event(self, epoch: int, step_in_epoch: int, loss: float) -> StepEnd:
+        st = self.state
+        avg = st.epoch_loss_sum / max(1, st.epoch_loss_count)
+        lrs = current_lrs(self.setup)
+        per_step = sum(self.times) / len(self.times) if self.times else 0.0
+        its = 1.0 / per_step if per_step else 0.0
+        self.log.step(st.global_step, epoch, loss, avg, lrs[0] if lrs else 0.0)
+        return StepEnd(st.global_step, self.plan.total_steps, epoch, step_in_epoch, loss, avg, lrs[0] if lrs else 0.0, its,
+                       (self.plan.total_steps - st.global_step) * per_step)
+
+    # ------------------------------------------------------------------ epoch ends, files
+    def _epoch_end(self, epoch: int, last: bool) -> Iterator[Event]:
+        cfg, st = self.cfg, self.state
+        avg = st.epoch_loss_sum / max(1, st.epoch_loss_count)
+        st.epochs_done, st.batches_done, st.epoch_loss_sum, st.epoch_loss_count = epoch, 0, 0.0, 0
+        yield EpochEnd(epoch, avg, st.global_step)
+        yield from self._validate(epoch)
+        every = cfg.save_every_n_epochs
+        if every and (epoch % every == 0 or last):
+            yield from self._save_lora(epoch_file(cfg, epoch), epoch)
+        elif last:
+            yield from self._save_lora(epoch_file(cfg, None), epoch)
+        if cfg.sample_every_n_epochs and (epoch % cfg.sample_every_n_epochs == 0 or last):
+            yield from self._sample(epoch)
+        if cfg.save_state and ((every and epoch % every == 0) or last):
+            yield from self._save_state(state_dir(cfg, None if last else epoch), epoch)
+        self.log.flush()
+
+    def _validate(self, epoch: int) -> Iterator[Event]:
+        specs_fn = getattr(self.data, "validation_batches", None)
+        specs = list(specs_fn()) if specs_fn else []
+        if not specs:
+            return
+        val_seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else self.seed
+        self.net.train(False)
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for spec in specs:
+                    _, per = self._predict_loss(self.data.load_batch(spec), step_seed(val_seed, 0, spec.index), weights=False)
+                    total += float(per.sum())
+                    count += per.numel()
+        finally:
+            self.net.train(True)
+        loss = self.dist.all_mean(total / max(1, count))
+        self.state.val_losses[str(epoch)] = loss
+        self.log.validation(self.state.global_step, epoch, loss)
+        yield Validation(epoch, loss, count)
+
+    def _save_lora(self, path, epoch: int) -> Iterator[Event]:
+        if not self.dist.is_main:
+            return
+        st = self.state
+        training = training_metadata(
+            self.cfg, arch=self.backend.arch, prediction_type=self.pred_type, dataset=self.data, session_id=st.session_id,
+            started_at=st.started_at, epoch=epoch, num_epochs=self.plan.epochs, step=st.global_step,
+            total_steps=self.plan.total_steps, batches_per_epoch=self.plan.batches_per_epoch, optimizer_name=self.setup.name,
+            seed=self.seed, world=self.dist.world, model_name=getattr(self.backend, "model_name", None))
+        save_network(self.net, path, self.cfg, training, arch=self.backend.arch, v_prediction=self.pred_type == "v_prediction",
+                     dataset=self.data, epoch=epoch, steps=st.global_step, started_at=st.started_at, session_id=st.session_id,
+                     base_model=training.get("ss_sd_model_name"), activation_text=activation_text(self.data))
+        self.files.append(str(path))
+        st.saved_files = list(self.files)
+        yield Saved(str(path), epoch)
+
+    def _sample(self, epoch: int) -> Iterator[Event]:
+        if not self.dist.is_main:
+            return
+        images = []
+        for i, line in enumerate(sample_prompt_lines(self.cfg)):
+            p = parse_prompt(line)
+            images.append(call_with_known(
+                self.backend.sample, prompt=p.prompt, negative_prompt=p.negative_prompt, width=p.width, height=p.height,
+                steps=p.steps, scale=p.scale, seed=p.seed if p.seed is not None else self.seed + i,
+                sampler=p.sampler or self.cfg.sample_sampler))
+        yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
+
+    def _save_state(self, folder, epoch: int) -> Iterator[Event]:
+        if self.dist.is_main:
+            save_state(folder, self.state, self.net.state_dict(), self.setup.optimizer.state_dict(),
+                       self.setup.scheduler.state_dict(), self.scaler.state_dict() if self.scaler else None, self.cfg)
+            yield Saved(str(folder), epoch, "state")
+        self.dist.barrier()
+
+    # ------------------------------------------------------------------ control
+    def _interrupt(self, epoch: int) -> Iterator[Event]:
+        folder = state_dir(self.cfg)
+        yield from self._save_state(folder, epoch)
+        self.log.flush()
+        yield Interrupted(self.state.global_step, str(folder))
+
+    def _move_run_tensors(self, device: torch.device) -> None:
+        self.net.to(device)
+        for per_param in self.setup.optimizer.state.values():
+            for key, value in per_param.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    per_param[key] = value.to(device)
+
+    def _pause(self) -> Iterator[Event]:
+        """Hand the model back and move what the run holds to the CPU; continue where it stopped."""
+        step = self.state.global_step
+        self._hand_back()
+        self._move_run_tensors(torch.device("cpu"))
+        self.memo.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        yield Paused(step)
+        self.control.wait_while_paused()
+        unet_lr, te_lr = effective_lrs(self.cfg)
+        call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
+                        gradient_checkpointing=self.cfg.gradient_checkpointing, mixed_precision=self.cfg.mixed_precision)
+        self.prepared = True
+        self._move_run_tensors(self.device)
+        self.net.apply()
+        self.applied = True
+        yield Continued(step)
+
+    def _done(self) -> Done:
+        vals = {int(k): v for k, v in self.state.val_losses.items() if int(k) > 0}
+        best = min(vals, key=vals.get) if vals else None
+        best_file = next((f for f in self.files if f.endswith(f"-{best:02d}.safetensors")), None) if best else None
+        msg = f"lowest validation loss at epoch {best}" + (f": {best_file}" if best_file else "") if best else ""
+        self.log.flush()
+        return Done(self.state.global_step, tuple(self.files), best, best_file, msg)
