@@ -69,7 +69,7 @@ FIELDS: tuple[UiField, ...] = (
     F("keep_tokens", "Keep first N tags in place", "Processing", "int", 1, 0, 100),
     F("caption_dropout_rate", "Caption dropout", "Processing", "number", 0.0, 0, 1),
     F("caption_tag_dropout_rate", "Tag dropout", "Processing", "number", 0.0, 0, 1),
-    F("clip_skip", "Clip skip (0 = model default)", "Processing", "int", 0, 0, 12, zero_is_none=True),
+    F("clip_skip", "Clip skip (1 = last layer; 2 for anime models)", "Processing", "int", 1, 1, 12),
     F("max_token_length", "Caption tokens", "Processing", "dropdown", 75),
     # Samples
     F("sample_every_n_epochs", "Preview every N epochs (0 = off)", "Samples", "int", 0, 0, 1000, zero_is_none=True),

@@ -86,7 +86,7 @@ class Tab:
             for _, outs in self._refreshers:
                 all_outputs += [o for o in outs if o not in all_outputs]
 
-            def refresh_all(project_name, announce: bool = False):
+            def refresh_all(project_name):
                 result: dict = {model: self.model_line()}
                 if not project_name:
                     return result
@@ -98,11 +98,9 @@ class Tab:
                         errors.append(str(exc))
                 if errors:
                     result[self.msg] = message("; ".join(errors), "error")
-                elif announce:
-                    result[self.msg] = message(f"opened {project_name}", "ok")
                 return result
 
-            on(self.selector.change, lambda project_name: refresh_all(project_name, True),
+            on(self.selector.change, refresh_all,
                {"project_name": self.selector}, all_outputs, error_output=self.msg)
             for dependency in self._then_refresh:
                 on(dependency.then, refresh_all, {"project_name": self.selector}, all_outputs, error_output=self.msg)

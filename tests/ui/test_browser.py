@@ -28,7 +28,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 def engine_ready() -> bool:
     try:
         from lib_lora.backends import DiffusersBackend  # noqa: F401
-        from lib_lora.train import train  # noqa: F401
+        from lib_lora.train.loop import train  # noqa: F401
     except ImportError:
         return False
     return True
@@ -136,7 +136,7 @@ def test_edit_a_caption_and_save_it_with_ctrl_s(page, app):
 
 def test_short_training_shows_the_loss_plot_and_writes_epochs(page, app):
     if not engine_ready():
-        pytest.skip("the training engine (lib_lora.train.train, DiffusersBackend) is not on this branch yet")
+        pytest.skip("the training engine (lib_lora.train.loop, DiffusersBackend) is not on this branch yet")
     open_tab(page, "Train")
     for elem, value in (("lora_train_max_train_epochs", "2"), ("lora_train_train_batch_size", "2"),
                         ("lora_train_resolution", "64"), ("lora_train_network_dim", "4")):
