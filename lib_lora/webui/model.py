@@ -106,9 +106,9 @@ def _medvram_hooks(sd_model) -> list[tuple]:
 @contextlib.contextmanager
 def medvram_lifted(sd_model) -> Iterator[None]:
     """Under --medvram the webui keeps one of UNet / text encoder / VAE on the GPU at a time, swapped by forward
-    hooks; a backward pass through swapped modules is not possible. For the run the hooks are taken off and the
-    modules placed on the GPU (the trainer's caches then move the VAE / text encoders off again); afterwards
-    everything goes back to the CPU and the same hook objects are put back."""
+    hooks. For the run the hooks come off and `sd_model.lowvram` reads False, so the backend places the modules
+    itself (UNet on the GPU; VAE and text encoders only while their caches are filled); afterwards every part goes
+    back to the CPU and the same hook objects and flag are put back, as the webui left them."""
     if not getattr(sd_model, "lowvram", False):
         yield
         return
@@ -120,10 +120,11 @@ def medvram_lifted(sd_model) -> Iterator[None]:
         del module._forward_pre_hooks[key]
     vae = sd_model.first_stage_model
     wrappers = {k: vae.__dict__.pop(k) for k in ("encode", "decode") if k in vae.__dict__}
+    sd_model.lowvram = False
     try:
-        sd_model.to(devices.device)
         yield
     finally:
+        sd_model.lowvram = True
         for module in _medvram_parts(sd_model):
             module.to(devices.cpu)
         for module, key, fn in hooks:
