@@ -87,6 +87,7 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
     try:
         atomic_write_text(journal, json.dumps({"label": label, "files": old}, ensure_ascii=False))
     except OSError as exc:  # read-only folder or file system, full disk: nothing was written
+        _remove_if_empty(journal_dir)
         raise BadInput(f"cannot write captions in {root}: {exc.strerror or exc}; no caption was changed") from exc
     written: list[Path] = []
     try:
@@ -99,6 +100,7 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
         restored = _restore(written, old)
         if restored:
             journal.unlink(missing_ok=True)
+            _remove_if_empty(journal_dir)
             tail = "no caption was changed"
         else:
             tail = f"{len(written)} caption(s) were changed; run the undo to put them back"
@@ -152,8 +154,12 @@ def undo_last(folder: str | os.PathLike) -> UndoEntry | None:
         else:
             atomic_write_bytes(path, base64.b64decode(encoded))
     entry.journal.unlink()
-    try:
-        entry.journal.parent.rmdir()  # leave no empty journal folder behind once everything is undone
-    except OSError:
-        pass
+    _remove_if_empty(entry.journal.parent)  # no empty journal folder left behind once everything is undone
     return entry
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or not ours to remove
+        pass

@@ -25,6 +25,7 @@ _EXPORTS = {
     "inject": "network",
     "LoraModule": "modules",
     "save_lora": "files",
+    "lora_path": "files",
     "load_lora": "files",
     "read_metadata": "files",
     "read_header": "files",

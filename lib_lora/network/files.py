@@ -50,6 +50,8 @@ def save_lora(
     from safetensors.torch import save as serialise
 
     target = Path(path)
+    if ".." in target.parts:
+        raise BadInput(f"LoRA path may not contain '..': {str(target)!r}")
     if target.suffix != ".safetensors":
         raise BadInput(f"LoRA file name must end in .safetensors: {target.name!r}")
     check_name(target.stem, "output name")
@@ -100,6 +102,17 @@ def _data_section(serialised: bytes) -> bytes:
     return serialised[8 + length:]
 
 
+def lora_path(folder: str | os.PathLike, output_name: str, epoch: int | None = None) -> Path:
+    """`<folder>/<output_name>.safetensors`, or `<output_name>-NN.safetensors` for an epoch (sd-scripts' and the
+    webui's naming). The name is checked (`fsutil.check_name`): no path separators, no '..'."""
+    name = check_name(output_name, "output name")
+    if epoch is not None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise BadInput(f"epoch must be a whole number >= 0, got {epoch!r}")
+        name = f"{name}-{epoch:02d}"
+    return Path(folder) / f"{name}.safetensors"
+
+
 # --------------------------------------------------------------------------------------------------- load
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     """The safetensors header (tensor entries + `__metadata__`) and its byte length, checked against the file size.
@@ -118,9 +131,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         if len(head) < 8:
             raise IncompatibleFile(f"{p.name}: empty or truncated file ({size} bytes), not a safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
-            raise IncompatibleFile(f"{p.name}: not a safetensors file, or truncated (header length {length}, "
-                                   f"file size {size})")
+        if length > _MAX_HEADER:
+            raise IncompatibleFile(f"{p.name}: not a safetensors file (it does not start with a header length)")
+        if length > size - 8:
+            raise IncompatibleFile(f"{p.name}: truncated file (the header needs {length} bytes, the file has {size - 8})")
         raw = fh.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -193,6 +207,8 @@ def write_sidecar(
     if isinstance(preferred_weight, bool) or not isinstance(preferred_weight, (int, float)):
         raise BadInput(f"preferred weight must be a number, got {preferred_weight!r}")
     target = Path(lora_path).with_suffix(".json")
+    if ".." in target.parts:
+        raise BadInput(f"LoRA path may not contain '..': {str(target)!r}")
     check_name(target.stem, "output name")
     data = {
         "activation text": str(activation_text),

@@ -167,7 +167,7 @@ def _key_metadata(metadata: dict) -> dict[str, str]:
     shown = {}
     for key, label in _SHOWN:
         value = metadata.get(key)
-        if value in (None, "", "None"):
+        if value in (None, "", "None", "{}"):
             continue
         if key == "ss_training_started_at":
             try:

@@ -238,7 +238,7 @@ def check_dataset(
     """Check a dataset root (N_concept folders) or one flat folder; see CHECKS for what is looked at."""
     root = Path(folder)
     if not root.is_dir():
-        raise BadInput(f"folder does not exist: {root}")
+        raise BadInput(f"not a folder: {root}" if root.exists() else f"folder does not exist: {root}")
     if min_side < 1 or max_side < min_side:
         raise BadInput(f"--min-side ({min_side}) must be at least 1 and not above --max-side ({max_side})")
     if batch_size < 1:
@@ -263,7 +263,7 @@ def check_dataset(
         images += found
         captions.update(concept_captions)
         if repeats is None and found:
-            findings.append(Finding("no_repeats_prefix", concept.folder, f"{len(found)} images not trained"))
+            findings.append(Finding("no_repeats_prefix", concept.folder, f"{len(found)} image{'' if len(found) == 1 else 's'} not trained"))
         elif repeats == 0 and found:
             findings.append(Finding("zero_repeats", concept.folder))
         elif not found:

@@ -6,8 +6,11 @@ views of itself (3% and 6% off one side, both sides, or none, on each axis), and
 best-aligned pair. Hashes are 256-bit DCT hashes (pHash on a 16x16 block: the same construction as imagehash's
 `phash(hash_size=16)`), and a bit only counts where both coefficients sit clearly away from the median: near-median
 coefficients flip under JPEG noise alone, which is what makes smooth images (gradients, skies) hash unreliably.
-An image with too few such bits is "low detail" and is compared by its colour grid alone. A coarse 4x4 colour grid
-must also agree for detailed images, so two drawings that share a layout but not their colours stay apart.
+Searching 49 alignments also lets two different pictures with a similar layout line up by chance, so a pair that
+passes the hash is confirmed on the best alignment itself: the correlation of the two 16x16 brightness thumbnails
+(copies measured >= 0.98, look-alikes <= 0.88). An image with too few reliable bits is "low detail" and is compared
+by its 8x8 colour grid instead. Everything looks at brightness, so a grayscale or recoloured version of a picture
+is its duplicate too (the colour one is kept).
 
 `--move` journals its plan before touching a file, so an interrupted move is finished on the next run and an image
 never ends up separated from its caption.
@@ -15,6 +18,7 @@ never ends up separated from its caption.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,10 +44,12 @@ _THUMB = 128  # grayscale working copy the cropped views are cut from
 _CROPS = (1.0, 0.97, 0.94)  # kept fraction of one axis
 _ANCHORS = (0.0, 0.5, 1.0)  # where the kept part sits: start, centre, end
 _CANDIDATE_BITS = 100  # pairs further apart than this unaligned are never the same picture (crops measured <= 78)
-COLOUR_GATE = 24.0  # mean |difference| of the 4x4 RGB grids (0-255) allowed between duplicates
 STRONG_BIT = 4.0  # |coefficient - median| (grey levels, orthonormal DCT) for a bit to count
 MIN_BITS = 64  # fewer strong bits than this: the hash says too little ("low detail")
 LOW_DETAIL_COLOUR_LIMIT = 6.0  # low-detail images: mean |difference| of the 8x8 RGB grids allowed
+MIN_CORRELATION = 0.93  # brightness correlation at the best alignment that confirms a hash match
+_CHECK_SIDE = 32  # stored brightness thumbnail the confirmation is cut from
+_CHECK_COMPARE = 16  # ... and compared at
 
 
 @dataclass(frozen=True)
@@ -56,15 +62,15 @@ class Fingerprint:
     file_size: int
     hashes: np.ndarray  # (views, 4) uint64; row 0 is the whole image
     strong: np.ndarray  # (views, 4) uint64; 1 where the hash bit is reliable
-    colour: np.ndarray  # (4, 4, 3) float32 block means
-    colour_fine: np.ndarray  # (8, 8, 3) float32 block means
+    colour: np.ndarray  # (8, 8, 3) float32 block means
+    brightness: np.ndarray  # (32, 32) uint8 thumbnail, for confirming a hash match
     low_detail: bool
     grayscale: bool = False
 
 
 @dataclass
 class DuplicateGroup:
-    keep: Path  # the largest image (pixels, then colour over grayscale, then bytes); never moved
+    keep: Path  # the largest image (pixels; then colour, lossless, bytes); never moved
     duplicates: list[Path]  # the others, to be moved by --move
     distances: dict[Path, int | None] = field(default_factory=dict)  # hash distance to `keep`; None: low detail
 
@@ -146,8 +152,8 @@ def fingerprint_image(img, path: Path = Path(""), file_size: int = 0) -> Fingerp
         file_size=file_size,
         hashes=np.stack(hashes),
         strong=np.stack(strong),
-        colour=np.asarray(rgb.resize((4, 4), resample.BOX), dtype=np.float32),
-        colour_fine=fine,
+        colour=fine,
+        brightness=np.asarray(thumb.resize((_CHECK_SIDE, _CHECK_SIDE), resample.BOX), dtype=np.uint8),
         low_detail=int(_popcount(strong[0])) < MIN_BITS,
         grayscale=float(np.ptp(fine, axis=-1).max()) <= 6.0,  # R, G and B agree everywhere
     )
@@ -190,23 +196,47 @@ def _scaled_distances(views: Fingerprint, whole: Fingerprint) -> np.ndarray:
     return np.where(compared >= MIN_BITS, scaled, np.inf)
 
 
+def _best_alignment(a: Fingerprint, b: Fingerprint) -> tuple[float, int, bool]:
+    """(scaled distance, view index, True if the view is of `a` / False if of `b`) of the closest alignment."""
+    forward, backward = _scaled_distances(a, b), _scaled_distances(b, a)
+    if forward.min() <= backward.min():
+        return float(forward.min()), int(forward.argmin()), True
+    return float(backward.min()), int(backward.argmin()), False
+
+
 def hash_distance(a: Fingerprint, b: Fingerprint) -> int:
     """Differing reliable bits (of 256) between the best-aligned views of `a` and `b`: 0 = same picture, ~128 =
     unrelated; 256 when they share too few reliable bits to compare."""
-    best = min(_scaled_distances(a, b).min(), _scaled_distances(b, a).min())
+    best = _best_alignment(a, b)[0]
     return int(round(best)) if np.isfinite(best) else HASH_SIDE * HASH_SIDE
 
 
-def colour_distance(a: Fingerprint, b: Fingerprint, fine: bool = False) -> float:
-    if fine:
-        return float(np.abs(a.colour_fine - b.colour_fine).mean())
+def aligned_correlation(a: Fingerprint, b: Fingerprint, alignment: tuple[float, int, bool] | None = None) -> float:
+    """Pearson correlation of the brightness thumbnails at the best alignment (1.0 = identical up to contrast)."""
+    from PIL import Image
+
+    _, view, of_a = alignment or _best_alignment(a, b)
+    cropped, whole = (a, b) if of_a else (b, a)
+    x0, y0, x1, y1 = (v * _CHECK_SIDE for v in _VIEWS[view])
+    size = (_CHECK_COMPARE, _CHECK_COMPARE)
+    bilinear = Image.Resampling.BILINEAR
+    x = np.asarray(Image.fromarray(cropped.brightness).resize(size, bilinear, box=(x0, y0, x1, y1)), dtype=np.float64)
+    y = np.asarray(Image.fromarray(whole.brightness).resize(size, bilinear), dtype=np.float64)
+    x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
+    scale = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / scale) if scale > 0 else 0.0
+
+
+def colour_distance(a: Fingerprint, b: Fingerprint) -> float:
+    """Mean |difference| of the 8x8 RGB block means (0-255)."""
     return float(np.abs(a.colour - b.colour).mean())
 
 
 def is_duplicate(a: Fingerprint, b: Fingerprint, threshold: int = DEFAULT_THRESHOLD) -> bool:
     if a.low_detail or b.low_detail:
-        return a.low_detail and b.low_detail and colour_distance(a, b, fine=True) <= LOW_DETAIL_COLOUR_LIMIT
-    return hash_distance(a, b) <= threshold and colour_distance(a, b) <= COLOUR_GATE
+        return a.low_detail and b.low_detail and colour_distance(a, b) <= LOW_DETAIL_COLOUR_LIMIT
+    alignment = _best_alignment(a, b)
+    return alignment[0] <= threshold + 0.5 and aligned_correlation(a, b, alignment) >= MIN_CORRELATION
 
 
 def _candidate_pairs(fps: Sequence[Fingerprint], limit: int) -> Iterable[tuple[int, int]]:
@@ -234,7 +264,7 @@ def _low_detail_pairs(fps: Sequence[Fingerprint]) -> Iterable[tuple[int, int]]:
     low = [i for i, fp in enumerate(fps) if fp.low_detail]
     if len(low) < 2:
         return
-    grids = np.stack([fps[i].colour_fine.ravel() for i in low])
+    grids = np.stack([fps[i].colour.ravel() for i in low])
     for start in range(0, len(low), 256):
         dist = np.abs(grids[start : start + 256, None, :] - grids[None, :, :]).mean(-1)
         for r, c in zip(*np.nonzero(dist <= LOW_DETAIL_COLOUR_LIMIT)):
@@ -242,9 +272,13 @@ def _low_detail_pairs(fps: Sequence[Fingerprint]) -> Iterable[tuple[int, int]]:
                 yield low[start + int(r)], low[int(c)]
 
 
+_LOSSLESS = (".png", ".bmp")
+
+
 def _keep_rank(fp: Fingerprint) -> tuple:
-    """Which copy stays: most pixels, then colour over grayscale, then the bigger file (less compressed)."""
-    return (-fp.width * fp.height, fp.grayscale, -fp.file_size, str(fp.path))
+    """Which copy stays: most pixels, then colour over grayscale, then PNG/BMP over JPEG/WebP, then the bigger file."""
+    lossy = fp.path.suffix.lower() not in _LOSSLESS
+    return (-fp.width * fp.height, fp.grayscale, lossy, -fp.file_size, str(fp.path))
 
 
 def group_duplicates(fps: Sequence[Fingerprint], threshold: int = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
@@ -286,7 +320,7 @@ def dataset_images(folder: str | os.PathLike) -> list[Path]:
     """Every image under `folder` (concept subfolders included), except what was already moved aside."""
     root = Path(folder)
     if not root.is_dir():
-        raise BadInput(f"folder does not exist: {root}")
+        raise BadInput(f"not a folder: {root}" if root.exists() else f"folder does not exist: {root}")
     skip = (root / DUPLICATES_DIR).resolve()
     return [p for p in iter_image_files(root, recursive=True) if skip not in p.resolve().parents]
 
@@ -400,6 +434,8 @@ def move_duplicates(
     try:
         atomic_write_text(journal, json.dumps([[str(m.source), str(m.target), m.copy] for m in moves], ensure_ascii=False))
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            journal.parent.rmdir()  # only if this call created it empty
         raise BadInput(f"cannot write into {root}: {exc.strerror or exc}; nothing was moved") from exc
     _run_moves(root, moves)
     return moves

@@ -61,6 +61,7 @@ def test_inject_restore_is_bit_identical_even_after_an_exception(sd1, sdxl_te2):
     unet, te = sd1
     targets = find_targets(unet, {"lora_te": te}, "sd1", LOCON) + text_encoder_targets(sdxl_te2, "lora_te2", LOCON)
     before, base = snapshot(unet, te, sdxl_te2), outputs(unet, te, sdxl_te2)
+    modules_before = [(name, id(m)) for model in (unet, te, sdxl_te2) for name, m in model.named_modules()]
     net = LoraNetwork(targets, LOCON)
     randomise_up(net)
     with pytest.raises(ValueError, match="boom"):
@@ -72,6 +73,7 @@ def test_inject_restore_is_bit_identical_even_after_an_exception(sd1, sdxl_te2):
             raise ValueError("boom")
     assert not net.applied
     assert instance_forwards(unet, te, sdxl_te2) == []
+    assert [(name, id(m)) for model in (unet, te, sdxl_te2) for name, m in model.named_modules()] == modules_before
     assert_snapshot_equal(before, unet, te, sdxl_te2)
     for a, b in zip(base, outputs(unet, te, sdxl_te2)):
         assert torch.equal(a, b)

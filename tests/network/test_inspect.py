@@ -1,0 +1,102 @@
+"""`python -m lib_lora inspect`: what a user sees for our files, foreign files and broken files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lib_lora.cli import main
+from lib_lora.network import LoraNetwork, NetworkConfig, build_metadata, find_targets, save_lora
+
+LOCON = NetworkConfig.from_args(4, 2.0, ["conv_dim=2", "conv_alpha=1"])
+
+
+@pytest.fixture(scope="module")
+def our_file(tmp_path_factory):
+    from tests.fixtures.ldm_models import clip_embedder, ldm_unet
+
+    net = LoraNetwork(find_targets(ldm_unet("sd1"), {"lora_te": clip_embedder()}, "sd1", LOCON), LOCON)
+    meta = build_metadata(
+        arch="sd1", output_name="mylora", network=LOCON, resolution=(512, 512), epoch=3, steps=360,
+        base_model="v1-5.safetensors", tag_frequency={"10_mychar": {"mychar": 12, "smile": 3, "1girl": 9}},
+        training={"num_epochs": 10},
+    )
+    return save_lora(tmp_path_factory.mktemp("inspect") / "mylora-03.safetensors", net, meta, "fp16")
+
+
+def run_cli(capsys, *args):
+    code = main(["inspect", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_text_output_of_our_file(capsys, our_file):
+    code, out, err = run_cli(capsys, our_file)
+    assert code == 0 and err == ""
+    lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    lines = {k.strip(): v.strip() for k, v in lines.items()}
+    assert lines["architecture"].startswith("SD1")
+    assert lines["network"].startswith("LoCon")
+    assert lines["dim / alpha"] == "linear 4 / 2, conv 2 / 1"
+    assert lines["modules"] == "UNet 79, TE 12"
+    assert lines["output name"] == "mylora-03"
+    assert lines["base model"] == "v1-5.safetensors"
+    assert (lines["epoch"], lines["epochs"], lines["steps"], lines["resolution"]) == ("3", "10", "360", "(512, 512)")
+    assert lines["top tags"] == "mychar (12), 1girl (9), smile (3)"
+    assert "= sshs_model_hash" in lines["model hash"]
+
+
+def test_json_output(capsys, our_file):
+    code, out, _ = run_cli(capsys, our_file, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["architecture"] == "SD1" and info["network_type"] == "LoCon"
+    assert info["modules"] == {"unet": 79, "te": 12}
+    assert info["dim_alpha"] == {"linear": {"dim": 4, "alpha": 2.0}, "conv": {"dim": 2, "alpha": 1.0}}
+    assert info["per_module"] is None
+    assert info["hashes"]["stored_matches"] is True and len(info["hashes"]["short_hash"]) == 12
+
+
+def test_foreign_file_without_metadata_and_varying_ranks(tmp_path, capsys):
+    path = tmp_path / "foreign.safetensors"
+    save_file({
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_A.weight": torch.zeros(8, 768),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_B.weight": torch.zeros(3072, 8),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(16, 1280),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 16),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(8.0),
+    }, str(path))
+    code, out, _ = run_cli(capsys, path, "--json")
+    info = json.loads(out)
+    assert info["architecture"] == "SDXL" and "keys" in info["architecture_source"]
+    assert info["modules"] == {"unet": 0, "te1": 1, "te2": 1}
+    assert info["dim_alpha"]["linear"] == {"dim": [8, 16], "alpha": [8.0, None]}
+    assert info["per_module"]["lora_te1_text_model_encoder_layers_0_mlp_fc1"] == {"dim": 8, "alpha": None}
+    assert info["hashes"]["stored_matches"] is None
+    code, out, _ = run_cli(capsys, path)
+    assert "per module:" in out and "none (the webui will list it as 'Unknown'" in out
+
+
+def test_loha_is_named(tmp_path, capsys):
+    path = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(320, 4),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": torch.zeros(4, 320)}, str(path))
+    code, out, _ = run_cli(capsys, path, "--json")
+    assert code == 0 and json.loads(out)["network_type"] == "LoHa"
+
+
+@pytest.mark.parametrize("content,reason", [
+    (None, "no such file"),
+    (b"\x00" * 3, "empty or truncated"),
+    (b"\xff" * 64, "not a safetensors file"),
+])
+def test_bad_files_get_a_one_line_error(tmp_path, capsys, content, reason):
+    path = tmp_path / "bad.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = run_cli(capsys, path)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and reason in err
