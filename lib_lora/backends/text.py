@@ -124,7 +124,7 @@ def encode_hf_clip(model, ids: torch.Tensor, *, clip_skip: int = 1, hidden_index
     elif clip_skip <= 1:
         states = out.last_hidden_state
     else:
-        if clip_skip >= len(out.hidden_states):
+        if clip_skip > len(out.hidden_states):
             raise BadInput(f"clip_skip {clip_skip} is deeper than the text encoder's {len(out.hidden_states) - 1} layers")
         states = out.hidden_states[-clip_skip]
         if final_norm:
@@ -146,22 +146,23 @@ def encode_open_clip(model, ids: torch.Tensor, *, skip_last: int = 1, final_norm
     vector = ln_final(last block output) at the EOS (argmax id) @ text_projection."""
     blocks = model.transformer.resblocks
     stop = len(blocks) - skip_last
-    if stop < 1:
+    if stop < 0:
         raise BadInput(f"clip_skip too deep for an OpenCLIP text encoder of {len(blocks)} layers")
-    x = model.token_embedding(ids) + model.positional_embedding.to(model.token_embedding.weight.dtype)
+    x = model.token_embedding(ids)  # may be the webui's EmbeddingsWithFixes wrapper (no .weight)
+    x = x + model.positional_embedding.to(x.dtype)
     mask = model.attn_mask
     if mask is not None:
         mask = mask.to(device=x.device, dtype=x.dtype if x.is_floating_point() else mask.dtype)
     batch_first = open_clip_batch_first(model)
     if not batch_first:
         x = x.permute(1, 0, 2)
-    states = None
+    states = x if stop == 0 else None
     for i, block in enumerate(blocks):
-        if i == stop:
-            states = x
-            if not pooled:
-                break
+        if states is not None and not pooled:
+            break
         x = block(x, attn_mask=mask)
+        if i + 1 == stop:
+            states = x
     if states is None:
         states = x
     if not batch_first:

@@ -170,3 +170,22 @@ def test_sample_gives_seeded_images(sd1):
     assert list(a[0].getdata()) != list(b[0].getdata())
     with pytest.raises(BadInput, match="sampler"):
         sd1.sample("a cat", steps=2, width=64, height=64, sampler="plms")
+
+
+def test_bf16_base_weights_with_fp32_adapter(sd1_diffusers_dir, sd1):
+    backend = DiffusersBackend.from_pretrained(sd1_diffusers_dir, dtype="bf16")
+    assert backend.unet.dtype == torch.bfloat16 and backend.vae.dtype == torch.float32
+    assert backend.compute_dtype == torch.bfloat16
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([300])
+    cond = backend.encode_prompts([CAPTION])
+    out = backend.predict(lat, t, cond)
+    expected = sd1.predict(lat, t, sd1.encode_prompts([CAPTION]))
+    assert out.dtype == torch.float32 and 0 < (out - expected).abs().max() < 0.1 * expected.abs().max()
+    adapter = TinyAdapter(backend.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v)
+    try:
+        with backend.training():
+            backend.predict(lat, t, cond).pow(2).mean().backward()
+        assert adapter.down.dtype == torch.float32 and adapter.down.grad.abs().sum() > 0
+    finally:
+        adapter.remove()
