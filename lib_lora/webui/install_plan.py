@@ -24,7 +24,6 @@ class Requirement:
 # The tab's needs beyond the webui's own pins (requirements_versions.txt already brings torch, transformers,
 # accelerate, safetensors, numpy, Pillow, gradio, huggingface_hub, omegaconf, einops).
 REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement("imagehash", "imagehash>=4.3", "duplicate detection in the Dataset tab"),
     Requirement("prodigyopt", "prodigyopt>=1.0", "the Prodigy optimizer"),
     Requirement("lion-pytorch", "lion-pytorch>=0.1", "the Lion optimizer"),
     Requirement("tomli_w", "tomli-w>=1.0", "saving settings and presets as TOML"),

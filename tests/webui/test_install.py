@@ -72,6 +72,6 @@ def test_install_py_is_quiet_when_nothing_is_missing(tmp_path):
 
 
 def test_install_py_installs_only_the_missing_with_constraints(tmp_path):
-    stdout, calls = _run_install(tmp_path, "['imagehash', 'prodigyopt', 'lion-pytorch', 'tomli_w', 'tomli']")
+    stdout, calls = _run_install(tmp_path, "['prodigyopt', 'lion-pytorch', 'tomli_w', 'tomli']")
     assert len(calls) == 1
     assert calls[0].startswith("install -c ") and "onnxruntime" in calls[0]
