@@ -85,12 +85,15 @@ def clear_builtin_networks(sd_model) -> int:
     networks = sys.modules.get("networks")
     if networks is None or not hasattr(networks, "loaded_networks"):
         return 0
+    import torch
+
     networks.loaded_networks.clear()
     restored = 0
-    for module in getattr(sd_model, "network_layer_mapping", {}).values():
-        if getattr(module, "network_current_names", ()) != ():
-            networks.network_apply_weights(module)
-            restored += 1
+    with torch.no_grad():  # it copies backups into the weights in place; ldm leaves UNet weights requiring grad
+        for module in getattr(sd_model, "network_layer_mapping", {}).values():
+            if getattr(module, "network_current_names", ()) != ():
+                networks.network_apply_weights(module)
+                restored += 1
     return restored
 
 
