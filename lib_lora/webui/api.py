@@ -132,6 +132,23 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
         service.queue.interrupt(job_id)
         return job.public()
 
+    def pause(job_id: str):
+        """Pause at the next step: the model is handed back (and the queue lock freed) until resume."""
+        job = service.queue.get(job_id)
+        if job is None:
+            raise BadInput(f"job {job_id} not found")
+        if job.status not in ("running", "paused"):
+            raise BadInput(f"job {job_id} is {job.status}, not running")
+        job.control.pause()
+        return job.public()
+
+    def resume(job_id: str):
+        job = service.queue.get(job_id)
+        if job is None:
+            raise BadInput(f"job {job_id} not found")
+        job.control.unpause()
+        return job.public()
+
     def grid(body: dict = Body(...)):
         """{"project", "epochs": ["name-01", ...] (default: all), "weights": [0.5, 1], "prompt", "seed", ...}"""
         from ..ui.host import GridRequest
@@ -180,6 +197,8 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
     route("/jobs", list_jobs, "GET")
     route("/jobs/{job_id}", job_status, "GET")
     route("/jobs/{job_id}/interrupt", interrupt, "POST")
+    route("/jobs/{job_id}/pause", pause, "POST")
+    route("/jobs/{job_id}/resume", resume, "POST")
     route("/grid", grid, "POST")
     route("/merge", merge, "POST")
 

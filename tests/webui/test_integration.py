@@ -192,3 +192,56 @@ def test_a_lora_baked_in_by_an_earlier_generation_is_removed_before_training(web
     job = wait_job(webui, job["id"])
     assert job["status"] == "done", job["message"]
     assert txt2img(webui) == before
+
+
+def test_pause_frees_the_model_for_generation_then_training_continues(webui):
+    before = txt2img(webui)
+    webui.post("/lora-train/v1/projects", {"name": "pauser"})
+    add_images(webui, "pauser")
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "pauser", "config": dict(TRAIN, max_train_epochs=30)})
+    assert status == 201, job
+    end = time.time() + 300
+    while time.time() < end and webui.get(f"/lora-train/v1/jobs/{job['id']}")["step"] < 2:
+        time.sleep(0.2)
+    assert webui.post(f"/lora-train/v1/jobs/{job['id']}/pause")[0] == 200
+    while time.time() < end and webui.get(f"/lora-train/v1/jobs/{job['id']}")["status"] != "paused":
+        time.sleep(0.2)
+    paused_at = webui.get(f"/lora-train/v1/jobs/{job['id']}")["step"]
+    assert txt2img(webui) == before, "while paused the webui generates with the clean model"
+    assert webui.get(f"/lora-train/v1/jobs/{job['id']}")["step"] == paused_at
+    assert webui.post(f"/lora-train/v1/jobs/{job['id']}/resume")[0] == 200
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "done", job["message"]
+    assert job["step"] == job["total_steps"] > paused_at
+    assert txt2img(webui) == before
+
+
+def test_a_generation_in_progress_refuses_a_new_training(webui):
+    import threading
+
+    webui.post("/lora-train/v1/projects", {"name": "busy"})
+    add_images(webui, "busy", 2)
+    slow = threading.Thread(target=txt2img, kwargs={"webui": webui, "steps": 150, "width": 128, "height": 128})
+    slow.start()
+    try:
+        end = time.time() + 30
+        while time.time() < end and not webui.get("/sdapi/v1/progress")["state"]["job"]:
+            time.sleep(0.05)
+        status, body = webui.post("/lora-train/v1/jobs", {"project": "busy", "config": {}})
+        assert status == 409 and "generation is in progress" in body["detail"]
+    finally:
+        slow.join()
+
+
+def test_merge_into_a_new_checkpoint_listed_without_restart(webui):
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    title = next(m["title"] for m in webui.get("/sdapi/v1/sd-models") if m["model_name"] == "tiny-sd1")
+    status, body = webui.post("/lora-train/v1/merge", {"checkpoint": title, "name": "tiny-sks",
+                                                       "loras": [{"name": "sks-02", "weight": 1.0}]})
+    assert status == 200, body
+    assert Path(body["path"]).is_file() and Path(body["path"]).with_suffix(".yaml").is_file()
+    assert "tiny-sks" in {m["model_name"] for m in webui.get("/sdapi/v1/sd-models")}
+    status, body = webui.post("/lora-train/v1/merge", {"checkpoint": title, "name": "tiny-sks",
+                                                       "loras": [{"name": "sks-02", "weight": 1.0}]})
+    assert status == 409 and "already exists" in body["detail"]
