@@ -35,6 +35,8 @@ def on_ui_settings():
             "", "Folder for LoRA Train projects (empty: <webui data dir>/lora-train; --lora-train-dir wins)"),
         "lora_train_check_loader": shared.OptionInfo(
             True, "Check each saved epoch with the webui's own Lora loader (a mismatch stops the training)"),
+        "lora_train_webui_previews": shared.OptionInfo(
+            True, "Render training previews with the webui's own sampler (off: the trainer's small built-in sampler)"),
     }
     for key, info in options.items():
         info.section, info.category_id = SECTION[:2], SECTION[2]

@@ -99,8 +99,13 @@ class WebuiHost:
                 webui_model.clear_builtin_networks(sd_model)
                 with webui_model.medvram_lifted(sd_model):
                     from ..backends import LdmBackend
+                    from .preview import webui_sampler
 
-                    yield LdmBackend(sd_model)
+                    backend = LdmBackend(sd_model)
+                    if getattr(shared.opts, "lora_train_webui_previews", True):
+                        info = sd_model.sd_checkpoint_info
+                        backend.sample = webui_sampler(sd_model, getattr(info, "name", None) or info.title)
+                    yield backend
             finally:
                 progress.finish_task(task_id)
                 shared.state.end()
@@ -146,8 +151,12 @@ class WebuiHost:
 
     # -- files
     def check_saved_lora(self, path: Path) -> str:
+        from modules import shared
+
         from .lora_check import check_file
 
+        if not getattr(shared.opts, "lora_train_check_loader", True):
+            return "not checked (Settings > LoRA Train)"
         return check_file(path)
 
     def refresh_loras(self) -> None:

@@ -105,10 +105,16 @@ def test_training_on_the_loaded_model_lists_and_applies_the_lora_and_restores_th
     status, _ = webui.post("/lora-train/v1/projects", {"name": "sks"})
     assert status == 201
     add_images(webui, "sks")
-    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": TRAIN})
+    config = dict(TRAIN, sample_every_n_epochs=1, sample_prompts=["sks, red --w 64 --h 64 --s 4 --d 5"])
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": config})
     assert status == 201, job
     job = wait_job(webui, job["id"])
     assert job["status"] == "done", job["message"]
+    # previews rendered by the webui's sampler with the training LoRA, one per epoch
+    assert len(job["samples"]) == 2 and all(Path(p).is_file() for p in job["samples"])
+    from PIL import Image
+
+    assert Image.open(job["samples"][0]).size == (64, 64)
     lora_dir = webui.data_dir / "models" / "Lora" / "sks"
     assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
     card = (lora_dir / "sks-02.json").read_text()
