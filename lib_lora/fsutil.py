@@ -55,11 +55,34 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
             yield fh  # type: ignore[misc]
             fh.flush()
             os.fsync(fh.fileno())
+        _give_default_mode(tmp, target)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _give_default_mode(tmp: str, target: Path) -> None:
+    """mkstemp creates 0600 files; give the result the mode a plain open() would (or the replaced file's mode), so
+    a webui running as another user can still read what we write."""
+    try:
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    """The process umask without changing it (os.umask would briefly alter it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

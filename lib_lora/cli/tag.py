@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("captions")
     out.add_argument("--mode", choices=MODES, default="append",
                      help="existing captions: append new tags, prepend them, overwrite, or skip captioned images")
-    out.add_argument("--caption_extension", default=".txt")
+    out.add_argument("--caption_extension", "--caption-extension", default=".txt")
     out.add_argument("--recursive", action="store_true", help="also tag images in subfolders")
     out.add_argument("--exclude", default="", help="comma-separated tags never to write (a,b,c)")
     out.add_argument("--batch_size", type=int, default=8)

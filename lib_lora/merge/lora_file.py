@@ -11,6 +11,7 @@ Formats we cannot merge exactly (LoHa, LoKr, DoRA, full-weight diffs) are refuse
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,16 +28,15 @@ _PARTS = (
     (".lora.up.weight", "up"),
     (".alpha", "alpha"),
 )
-_UNSUPPORTED = {
-    "hada_": "LoHa",
-    "lokr_": "LoKr",
-    "dora_scale": "DoRA",
-    ".diff": "full-weight difference",
-    ".diff_b": "full-weight difference",
-    ".w_norm": "weight-norm",
-    ".b_norm": "weight-norm",
-    ".on_input": "IA3",
-}
+# tensor-name endings of formats that are not up @ down: refused by name
+_UNSUPPORTED = [
+    (re.compile(r"\.hada_\w+$"), "LoHa"),
+    (re.compile(r"\.lokr_\w+$"), "LoKr"),
+    (re.compile(r"\.dora_scale$"), "DoRA"),
+    (re.compile(r"\.(diff|diff_b)$"), "full-weight difference"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "weight-norm"),
+    (re.compile(r"\.on_input$"), "IA3"),
+]
 _DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
 
 
@@ -97,6 +97,19 @@ class LoraFile:
             delta = (up.reshape(out, rank) @ down.reshape(rank, -1)).reshape(out, *down.shape[1:])
         return delta * scale
 
+    def add_to(self, module: LoraModule, region, multiplier: float) -> None:
+        """region += multiplier * delta, in place on a contiguous float32 region (one fused matmul-add, no
+        full-size temporary except for Tucker modules)."""
+        flat = region.view(region.shape[0], -1)
+        if module.mid is not None:
+            flat.add_(self.delta(module).reshape(flat.shape), alpha=multiplier)
+            return
+        down = self.reader.read_tensor(module.down).float()
+        up = self.reader.read_tensor(module.up).float()
+        rank = down.shape[0]
+        scale = self.alpha_value(module) / rank * multiplier
+        flat.addmm_(up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha=scale)
+
     def close(self) -> None:
         self.reader.close()
 
@@ -145,8 +158,8 @@ def _group(p: Path, reader: SafetensorsFile, arch: str) -> LoraFile:
         if key.startswith("bundle_emb."):  # textual-inversion embeddings bundled in the LoRA: not part of a model
             ignored.append(key)
             continue
-        for marker, kind in _UNSUPPORTED.items():
-            if marker in key:
+        for pattern, kind in _UNSUPPORTED:
+            if pattern.search(key):
                 raise IncompatibleFile(f"{p.name} is a {kind} file (key {key}); only LoRA / LoCon can be merged")
         split = _split_key(key)
         name = _kohya_name(split[0], arch) if split else None

@@ -32,6 +32,7 @@ from .sources import CheckpointSource, open_checkpoint
 from .targets import CheckpointIndex, Target
 
 PRECISIONS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+_MODELSPEC_FAMILY = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl"}
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 _STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 _EXAMPLES = 3
@@ -123,7 +124,7 @@ def merge_loras(
     started = time.monotonic()
     model, out, lora_specs, out_dtype = _check_arguments(model_path, loras, out_path, precision, overwrite)
     yaml_in, yaml_out = model.with_suffix(".yaml"), out.with_suffix(".yaml")
-    copy_yaml = yaml_in.is_file()
+    copy_yaml = yaml_in.is_file() and yaml_in.resolve() != yaml_out.resolve()  # a.ckpt -> a.safetensors shares it
     if copy_yaml and yaml_out.exists() and not overwrite:
         raise BadInput(f"{yaml_out} already exists (use --overwrite to replace it)")
 
@@ -144,7 +145,7 @@ def merge_loras(
         out_plan = [
             PlannedTensor(key, _output_dtype(key, source.dtype(key), out_dtype), source.shape(key)) for key in source.keys
         ]
-        metadata = _metadata(source, index, out, [lf for lf in opened], lora_specs, precision)
+        metadata = _metadata(source, index, out, opened, lora_specs, precision)
         total = len(encode_header(out_plan, metadata)) + sum(t.nbytes for t in out_plan)
         _check_space(out, total)
         _write(source, out, out_plan, metadata, plan, total, progress)
@@ -291,7 +292,7 @@ def _metadata(source: CheckpointSource, index: CheckpointIndex, out: Path, loras
     if not arch:
         for lora in loras:
             candidate = lora.metadata.get("modelspec.architecture", "")
-            if candidate.startswith(MODELSPEC_ARCH[index.arch]):
+            if candidate.startswith(_MODELSPEC_FAMILY[index.arch]):
                 arch = candidate
                 break
     if not arch:
@@ -368,17 +369,26 @@ def _write(source, out: Path, out_plan, metadata, plan, total: int, progress: Pr
 def _merged_tensor(source, item: PlannedTensor, contributions: list[_Contribution]):
     import torch
 
-    original = source.read(item.key)
-    weight = original.to(torch.float32, copy=True)
+    weight = source.read(item.key).to(torch.float32, copy=True)
     for c in contributions:
-        delta = c.lora.delta(c.module) * c.multiplier
-        if not torch.isfinite(delta).all():
-            raise IncompatibleFile(f"LoRA {c.lora.path.name}: module {c.module.name} holds NaN or infinite values")
         region = weight if c.target.rows is None else weight[c.target.rows[0]:c.target.rows[1]]
-        region += delta.reshape(region.shape)
-    if not torch.isfinite(weight).all():
+        c.lora.add_to(c.module, region, c.multiplier)
+    if not _all_finite(weight):
+        for c in contributions:  # slow path, only on failure: name the culprit
+            if not _all_finite(c.lora.delta(c.module), exact=True):
+                raise IncompatibleFile(f"LoRA {c.lora.path.name}: module {c.module.name} holds NaN or infinite values")
         raise IncompatibleFile(f"merging into {item.key} gives NaN or infinite values")
     result = weight.to(torch_dtype(item.dtype))
-    if item.dtype == "F16" and not torch.isfinite(result).all():
+    if item.dtype == "F16" and not _all_finite(result):
         raise IncompatibleFile(f"merging into {item.key} overflows fp16; lower the multiplier or use bf16 / fp32")
     return result
+
+
+def _all_finite(tensor, exact: bool = False) -> bool:
+    """NaN and inf propagate into a sum, which is much cheaper than isfinite(); a sum that overflows although every
+    element is finite is settled by the exact check."""
+    import torch
+
+    if not exact and math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import IO
@@ -105,14 +106,19 @@ def _torch_load(path: Path):
                 raise
             return load(mmap=False)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+        text = str(exc)
+        needed = re.search(r"GLOBAL (\S+)", text)
+        if needed or "allowed global" in text:
+            what = f" ({needed[1]})" if needed else ""
             raise IncompatibleFile(
-                f"{path.name} holds Python objects besides tensors and is not unpickled for safety "
+                f"{path.name} holds Python objects besides tensors{what} and is not unpickled for safety "
                 "(weights_only); convert it to .safetensors with a tool you trust"
             ) from None
         raise IncompatibleFile(f"{path.name} is not a readable checkpoint (corrupt or not a PyTorch file)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load on a damaged file raises almost anything (IndexError, RuntimeError, ...)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise IncompatibleFile(f"{path.name} is not a readable checkpoint (corrupt or truncated: {first})") from None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 from ..captions import UndoEntry, caption_path, join_tags, read_caption, split_tags, write_captions
 from ..errors import BadInput, LoraTrainError
 from ..imagefiles import IMAGE_EXTENSIONS, iter_image_files
-from .wd14 import normalize_tag, tag_keys
+from .tag_ops import tag_frequency, tag_key
 
 MODES = ("append", "prepend", "overwrite", "skip")
 
@@ -238,8 +238,8 @@ def merge_caption(old: str, new_tags: Sequence[str], mode: str) -> str:
     """The caption after tagging. append / prepend keep the old text as written and add only tags it lacks."""
     if mode == "overwrite" or not old:
         return join_tags(list(new_tags))
-    have = tag_keys(split_tags(old))
-    fresh = [t for t in new_tags if normalize_tag(t) not in have]
+    have = {tag_key(t) for t in split_tags(old)}
+    fresh = [t for t in new_tags if tag_key(t) not in have]
     if not fresh:
         return old
     old_text = old.strip().strip(",").strip()
@@ -260,9 +260,9 @@ def run_plan(
     Ctrl-C or `should_stop()` (checked after every image) ends the run early: what was tagged so far is still
     written and `interrupted` is set.
     """
-    excluded = tag_keys(t for t in exclude if t.strip())
+    excluded = {tag_key(t) for t in exclude if t.strip()}
     result = TagRunResult(plan.folder, len(plan.images), skipped=list(plan.skipped))
-    counts: Counter[str] = Counter()
+    produced: list[list[str]] = []
     edits: dict[Path, str] = {}
     total = len(plan.to_tag)
     start = time.perf_counter()
@@ -273,8 +273,8 @@ def run_plan(
                 result.failed.append((path, error))
             else:
                 result.tagged.append(path)
-                kept = _dedupe([t for t in tags or [] if normalize_tag(t) not in excluded])
-                counts.update(kept)
+                kept = _dedupe([t for t in tags or [] if tag_key(t) not in excluded])
+                produced.append(kept)
                 cap = caption_path(path, plan.caption_extension)
                 old = read_caption(cap) if cap.is_file() else ""
                 if not kept:
@@ -296,7 +296,7 @@ def run_plan(
     if edits:
         result.undo = write_captions(plan.folder, edits, f"tag {tagger.name} ({plan.mode}, {len(edits)} captions)")
         result.written = sorted(edits)
-    result.frequency = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    result.frequency = tag_frequency(produced)
     if failure is not None:
         raise failure
     if total and not result.tagged and result.failed and not result.interrupted:
@@ -326,7 +326,7 @@ def _dedupe(tags: list[str]) -> list[str]:
     seen: set[str] = set()
     out = []
     for tag in tags:
-        key = normalize_tag(tag)
+        key = tag_key(tag)
         if key not in seen:
             seen.add(key)
             out.append(tag)

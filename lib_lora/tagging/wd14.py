@@ -17,7 +17,6 @@ import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -203,12 +202,3 @@ def _open_session(path: Path, device: str):
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable / invalid models
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise IncompatibleFile(f"cannot load {path} with onnxruntime: {reason}") from exc
-
-
-def normalize_tag(tag: str) -> str:
-    """Comparison key: case, underscores vs spaces and surrounding blanks do not make two tags different."""
-    return " ".join(tag.replace("_", " ").lower().split())
-
-
-def tag_keys(tags: Iterable[str]) -> set[str]:
-    return {normalize_tag(t) for t in tags}

@@ -60,14 +60,14 @@ def test_overwrite_creates_captions_with_the_images_tags(tagger, tmp_path):
 
 def test_append_prepend_keep_the_old_text_and_skip_known_tags(tagger, tmp_path):
     folder = make_folder(tmp_path / "d", names=("red",))
-    (folder / "red.txt").write_text("my trigger,  red theme, (glossy:1.2)", encoding="utf-8")
+    (folder / "red.txt").write_text("my trigger,  red theme, (Long Hair:1.2)", encoding="utf-8")
     tag_folder(folder, tagger, mode="append")
     appended = read_caption(folder / "red.txt")
-    assert appended.startswith("my trigger,  red theme, (glossy:1.2), hatsune_miku, 1girl")
-    assert "red_theme" not in appended  # 'red theme' is the same tag
+    assert appended.startswith("my trigger,  red theme, (Long Hair:1.2), hatsune_miku, 1girl")
+    assert "red_theme" not in appended and "long_hair" not in appended  # same tags, other spellings
     undo_last(folder)
     tag_folder(folder, tagger, mode="prepend")
-    assert read_caption(folder / "red.txt").endswith("long_hair, my trigger,  red theme, (glossy:1.2)")
+    assert read_caption(folder / "red.txt") == "hatsune_miku, 1girl, ^_^, solo, my trigger,  red theme, (Long Hair:1.2)"
     assert merge_caption("a photo of a cat", ["cat", "1girl"], "append") == "a photo of a cat, cat, 1girl"
     assert merge_caption("1girl, cat", ["cat", "1girl"], "append") == "1girl, cat"
 
@@ -268,7 +268,9 @@ def test_cli_tags_a_folder_and_prints_frequency(wd14_dir, tmp_path, capsys):
     assert read_caption(folder / "red.txt").startswith("hatsune miku, red theme, 1girl")
     assert "tag frequency (" in out and "  1girl" in out and "solo " not in out
     assert "broken.jpg" in err and "could not be read" in err
-    assert "--undo" in out
+    assert f"python -m lib_lora tags {folder} --undo" in out
+    assert main(["tags", str(folder), "--undo"]) == 0  # the hint works: the whole run is taken back
+    assert not (folder / "red.txt").exists() and not (folder / "blue.txt").exists()
 
 
 def test_cli_bad_input_messages(wd14_dir, tmp_path, capsys):
@@ -288,9 +290,9 @@ def test_bench_tag_runs_on_the_tiny_model(capsys):
     import json
 
     assert main(["bench", "tag", "--count", "5", "--image_size", "96x64", "--batch_size", "2", "--repeat", "1",
-                 "--json"]) == 0
+                 "--simulate_gpu", "1,0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     runs = {row["run"]: row for row in report["results"]}
-    assert report["provider"] == "CPUExecutionProvider" or "CUDA" in report["provider"]
+    assert "simulated GPU wait of 1 ms per batch" in report["provider"]
     assert runs["one at a time (decode, then model, per image)"]["speedup"] == 1.0
     assert all(row["images_per_s"] > 0 for row in report["results"]) and len(runs) == 8
