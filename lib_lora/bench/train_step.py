@@ -1,11 +1,12 @@
 """`python -m lib_lora bench train`: how much a training step costs beyond the UNet's own forward + backward.
 
-An SD1.5-sized UNet (the SD1.5 diffusers config, random weights: nothing downloaded) with a LoRA of `--dim`
-on its attention layers. Two timings on the same inputs:
-- bare: `unet(x, t, c)` forward and backward of its mean, LoRA attached, no optimizer (the floor);
-- step: one optimizer step of the real training loop (`lib_lora.train.train`) on cached latents: data, noise,
-  loss, backward, grad clipping, AdamW, schedule, events.
-The ratio step / bare is what the loop adds (target <= 1.10 on CPU at dim 16, 32x32 latents).
+An SD1.5-sized UNet (the SD1.5 diffusers config, random weights: nothing downloaded). Two timings, taken in turns:
+- step: one optimizer step of the real training loop (`lib_lora.train.train`) with a LoRA of `--dim` on the
+  UNet's attention layers, on cached latents: data, noise, LoRA forward, loss, backward, grad clipping, AdamW,
+  schedule, events;
+- bare: the UNet alone, forward and backward to its input, run while the loop is paused (pause hands the UNet
+  back without LoRA), so both see the same machine conditions.
+The ratio step / bare is what LoRA and the loop add (target <= 1.10 on CPU at dim 16, 32x32 latents).
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ class _BenchBackend:
     def encode_images(self, pixels):
         raise RuntimeError("the benchmark trains on cached latents")
 
-    def encode_prompts(self, texts, clip_skip=None, max_tokens=None, sizes=None):
-        return self.cond[: len(texts)]
+    def encode_prompts(self, texts, clip_skip=1, max_tokens=75, sizes=None, *, pad_chunks=False):
+        from ..backends.base import Cond
+
+        return Cond(self.cond[: len(texts)])
 
     def predict(self, noisy, t, cond):
-        return self.unet(noisy, t, encoder_hidden_states=cond).sample
+        return self.unet(noisy, t, encoder_hidden_states=cond.crossattn).sample
 
     def lora_targets(self, cfg):
         from ..network import unet_targets
@@ -124,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ..network import LoraNetwork, NetworkConfig, unet_targets
     from ..train.config import TrainConfig
-    from ..train.events import StepEnd
+    from ..train.events import Continued, Paused, Started, StepEnd, TrainControl
     from ..train.loop import train
+    from ..train.netglue import network_config
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
     torch.manual_seed(0)
@@ -140,45 +143,45 @@ def run(args: argparse.Namespace) -> int:
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    # bare forward + backward with the LoRA attached
-    net_cfg = NetworkConfig(dim=args.dim, alpha=float(args.dim), train_text_encoder=False)
-    bare_net = LoraNetwork(unet_targets(unet, "sd1", net_cfg), net_cfg).to(device)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    bare, bare_cpu = [], []
-    with bare_net.inject():
-        for i in range(args.warmup + args.steps):
-            sync()
-            began, began_cpu = time.perf_counter(), time.process_time()
-            with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-                out = unet(x, t, encoder_hidden_states=cond).sample
-            out.float().mean().backward()
-            sync()
-            if i >= args.warmup:
-                bare.append(time.perf_counter() - began)
-                bare_cpu.append(time.process_time() - began_cpu)
-            bare_net.zero_grad(set_to_none=True)
-    if args.gradient_checkpointing:
-        unet.disable_gradient_checkpointing()
-    modules = len(list(bare_net.loras()))
-    del bare_net
+    def bare_pass() -> tuple[float, float]:
+        """The UNet alone (no LoRA): forward, and backward to its input (there is no weight to train)."""
+        x_in = x.clone().requires_grad_(True)
+        sync()
+        began, began_cpu = time.perf_counter(), time.process_time()
+        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+            out = unet(x_in, t, encoder_hidden_states=cond).sample
+        torch.autograd.grad(out.float().mean(), x_in)
+        sync()
+        return time.perf_counter() - began, time.process_time() - began_cpu
 
-    # full training steps through the loop
+    # Training steps of the real loop, each followed by a pause (which hands the UNet back without LoRA) in which
+    # one bare pass runs: both are measured in turns, under the same conditions (other load on the machine, caches).
     backend = _BenchBackend(unet, cond, device)
+    control = TrainControl()
+    bare, bare_cpu, steps, steps_cpu = [], [], [], []
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(output_dir=out_dir, output_name="bench", network_dim=args.dim, network_alpha=float(args.dim),
-                          network_train_unet_only=True, max_train_steps=args.warmup + args.steps + 1, seed=0,
+                          network_train_unet_only=True, max_train_steps=args.warmup + args.steps, seed=0,
                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                           train_batch_size=args.batch, train_data_dir=out_dir)
-        stamps, cpu_stamps = [], []
-        for ev in train(cfg, backend, _LatentData(x, args.batch)):
-            if isinstance(ev, StepEnd):
+        resumed = resumed_cpu = None
+        for ev in train(cfg, backend, _LatentData(x, args.batch), control):
+            if isinstance(ev, (Started, Continued)):
                 sync()
-                stamps.append(time.perf_counter())
-                cpu_stamps.append(time.process_time())
-    skip = args.warmup - 1 if args.warmup else 0
-    steps = [b - a for a, b in zip(stamps, stamps[1:])][skip:][: args.steps]
-    steps_cpu = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][skip:][: args.steps]
+                resumed, resumed_cpu = time.perf_counter(), time.process_time()
+            elif isinstance(ev, StepEnd):
+                sync()
+                if ev.step > args.warmup:
+                    steps.append(time.perf_counter() - resumed)
+                    steps_cpu.append(time.process_time() - resumed_cpu)
+                control.pause()
+            elif isinstance(ev, Paused):
+                wall, cpu = bare_pass()
+                if ev.step > args.warmup:
+                    bare.append(wall)
+                    bare_cpu.append(cpu)
+                control.unpause()
+    modules = sum(1 for name, _ in backend.lora_targets(network_config(cfg)))
     bare_s, step_s = statistics.median(bare), statistics.median(steps)
     bare_c, step_c = statistics.median(bare_cpu), statistics.median(steps_cpu)
     peak, kind = _peak(device)
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"UNet {params / 1e6:.0f}M params, LoRA dim {args.dim} on {modules} modules, batch {args.batch}, "
           f"latents {args.latent}x{args.latent}, mixed_precision {args.mixed_precision}, "
           f"gradient_checkpointing {args.gradient_checkpointing}")
-    print(f"bare forward+backward: {bare_s:.3f} s (median of {len(bare)})")
+    print(f"bare forward+backward: {bare_s:.3f} s (median of {len(bare)}; the UNet alone, no LoRA)")
     print(f"training step:         {step_s:.3f} s (median of {len(steps)}), {1 / step_s:.2f} it/s")
     print(f"ratio step / bare:     {step_s / bare_s:.3f} (wall clock); {step_c / bare_c:.3f} (process CPU time: "
           f"{bare_c:.3f} s vs {step_c:.3f} s, less sensitive to other load on the machine)")

@@ -120,8 +120,9 @@ class _Progress:
             self.bar = None
 
 
-def _install_interrupt(control) -> None:
-    """First Ctrl-C: a graceful stop at the next step boundary; the second one interrupts at once."""
+def _install_interrupt(control):
+    """First Ctrl-C: a graceful stop at the next step boundary; the second one interrupts at once.
+    Returns the previous handler (None when not in the main thread)."""
     def handler(signum, frame):
         if control.stop_requested:
             raise KeyboardInterrupt
@@ -129,9 +130,9 @@ def _install_interrupt(control) -> None:
         print("\nstopping after this step (saving state); press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
 
     try:
-        signal.signal(signal.SIGINT, handler)
+        return signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread
-        pass
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,12 +165,12 @@ def run(args: argparse.Namespace) -> int:
     from ..train.state import build_dataset
 
     dataset = build_dataset(cfg)
-    if cfg.dry_run or dataset.skipped:
-        for line in dataset.summary_lines() if cfg.dry_run else [f"skipped {s.path}: {s.reason}" for s in dataset.skipped]:
-            say(line)
+    if not cfg.dry_run:  # a dry run reports the whole summary (skipped files included) with its measurements
+        for s in dataset.skipped:
+            say(f"skipped {s.path}: {s.reason}")
     backend = _load_backend(cfg, dist.device())
     control = E.TrainControl()
-    _install_interrupt(control)
+    previous = _install_interrupt(control)
     progress = _Progress(dist.is_main)
     code = 0
     try:
@@ -204,11 +205,18 @@ def run(args: argparse.Namespace) -> int:
                 say(f"done: {ev.step} steps, {len(ev.files)} file(s)" + (f"; {ev.message}" if ev.message else ""))
     finally:
         progress.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return code
 
 
 def _load_backend(cfg: TrainConfig, device):
-    """The model for the CLI: a diffusers folder or a single-file checkpoint, through lib_lora.backends."""
+    """The model for the CLI: a diffusers folder or a single-file checkpoint, through lib_lora.backends. On a GPU
+    with fp16/bf16 mixed precision the base weights load in that dtype (half the memory; the VAE stays fp32)."""
     from ..backends import load_backend
 
-    return load_backend(cfg, device=device)
+    if cfg.vae:
+        raise BadInput("a separate --vae is not supported by the CLI yet: bake it into the model or leave it out")
+    half = cfg.mixed_precision if device.type == "cuda" and cfg.mixed_precision in ("fp16", "bf16") else None
+    return load_backend(cfg.pretrained_model_name_or_path, device=device, dtype=half, vae_dtype="fp32" if half else None,
+                        prediction_type="v_prediction" if cfg.v_parameterization else None)

@@ -25,11 +25,8 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 NETWORK_MODULES = ("networks.lora",)
 TOKEN_LENGTHS = (75, 150, 225)
 LOG_WITH = ("", "tensorboard", "all")
-# sd-scripts' --sample_sampler choices; the backend maps each to its own sampler
-SAMPLERS = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)
+# samplers the backends' preview sampler has (lib_lora/backends/sampling.py), under sd-scripts' spellings
+SAMPLERS = ("ddim", "euler", "euler_a", "k_euler", "k_euler_a")
 
 
 def _f(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
@@ -122,7 +119,7 @@ class TrainConfig:
     sample_prompts: str | tuple[str, ...] = _f("", "a prompt file (kohya syntax: --w --h --s --l --d --n), or a list of prompts", "sampling")
     sample_sampler: str = _f("ddim", "sampler for the sample images", "sampling", SAMPLERS)
     logging_dir: str = _f("", "folder for the loss log (CSV; tensorboard too when log_with says so)", "logging")
-    log_with: str = _f("", "extra logger: tensorboard or all (CSV is always written)", "logging", LOG_WITH)
+    log_with: str = _f("", "tensorboard: required; '' (default): tensorboard when installed; the CSV is always written", "logging", LOG_WITH)
     dry_run: bool = _f(False, "print the dataset summary, steps, memory and time estimate; write nothing", "logging")
 
     config_version: int = _f(CONFIG_VERSION, "version of this settings layout (older files are migrated)", "meta")

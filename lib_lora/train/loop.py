@@ -33,11 +33,9 @@ from .optim import build_optimizer, current_lrs
 from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
+from .textcond import TextConditioner
 from .steps import plan_steps
 from .validate import errors_of, raise_for_problems, validate
-
-MEMO_LIMIT = 4096  # cached text-encoder outputs (only when the text encoder is frozen and captions fixed)
-
 
 class NonFiniteLoss(Exception):
     pass
@@ -76,7 +74,8 @@ class Run:
         self.ac = backend.alphas_cumprod.detach().float().cpu()
         self.net = self.setup = self.scaler = None
         self.applied = self.prepared = False
-        self.memo: dict = {}
+        self.text = None
+        self.latents_cached = False
         self.files: list[str] = []
         self.times: collections.deque = collections.deque(maxlen=20)
         self.log = LossLog(cfg, enabled=False)
@@ -104,13 +103,15 @@ class Run:
             if data_seed is not None and data_seed != seed:
                 yield Note(f"the dataset was built with seed {data_seed}, the run uses {seed}: build it with resolve_seed(cfg)")
             unet_lr, te_lr = effective_lrs(cfg)
-            call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
-                            gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision)
-            self.prepared = True
+            self._prepare()
             self.train_te = te_lr > 0
             if (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.dry_run:
+                yield Note("encoding every image once (cache_latents)" + (" to .npz files beside the images" if cfg.cache_latents_to_disk else ""))
                 encoder_id = str(getattr(self.backend, "vae_id", self.backend.arch))
                 self.data.cache_latents(self.backend.encode_images, encoder_id)
+                self.latents_cached = True
+                self._offload()
+            self.text = TextConditioner(self.backend, self.data, cfg.clip_skip, cfg.max_token_length, self.train_te)
             torch.manual_seed(seed)  # the LoRA's initial down weights
             self.net = build_network(cfg, self.backend)
             if cfg.network_weights:
@@ -157,6 +158,17 @@ class Run:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             self.log.close()
+
+    def _prepare(self) -> None:
+        unet_lr, te_lr = effective_lrs(self.cfg)
+        call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
+                        gradient_checkpointing=self.cfg.gradient_checkpointing, mixed_precision=self.cfg.mixed_precision)
+        self.prepared = True
+
+    def _offload(self) -> None:
+        """With every latent cached the VAE leaves the GPU (restore() brings it back)."""
+        if self.latents_cached and hasattr(self.backend, "offload_vae"):
+            self.backend.offload_vae()
 
     def _hand_back(self) -> None:
         """Give the model back exactly as it came: hooks off first, then the backend's own changes."""
@@ -246,28 +258,9 @@ class Run:
 
     def _cond(self, batch):
         sizes = None
-        if self.backend.arch == "sdxl":
+        if self.backend.arch == "sdxl":  # (original h, w, crop top, left, target h, w) per image
             sizes = [(*o, *c, *t) for o, c, t in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]
-        encode = lambda: self.backend.encode_prompts(  # noqa: E731
-            list(batch.captions), self.cfg.clip_skip, self.cfg.max_token_length, sizes=sizes)
-        if self.train_te:
-            return encode()
-        key = (tuple(batch.captions), tuple(sizes) if sizes else None)
-        if key in self.memo:
-            return self.memo[key]
-        with torch.no_grad():
-            cond = encode()
-        if self.memo_ok and len(self.memo) < MEMO_LIMIT:
-            self.memo[key] = cond
-        return cond
-
-    @property
-    def memo_ok(self) -> bool:
-        """Text-encoder outputs may be reused when captions never change between epochs."""
-        if not hasattr(self, "_memo_ok"):
-            variants = getattr(self.data, "caption_variants", None)
-            self._memo_ok = variants is not None and variants() is not None
-        return self._memo_ok
+        return self.text(list(batch.captions), sizes)
 
     def _predict_loss(self, batch, seed: int, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)  # dropout in the network, VAE sampling
@@ -361,12 +354,19 @@ class Run:
         if not self.dist.is_main:
             return
         images = []
-        for i, line in enumerate(sample_prompt_lines(self.cfg)):
-            p = parse_prompt(line)
-            images.append(call_with_known(
-                self.backend.sample, prompt=p.prompt, negative_prompt=p.negative_prompt, width=p.width, height=p.height,
-                steps=p.steps, scale=p.scale, seed=p.seed if p.seed is not None else self.seed + i,
-                sampler=p.sampler or self.cfg.sample_sampler))
+        self.net.train(False)
+        try:
+            with torch.no_grad():
+                for i, line in enumerate(sample_prompt_lines(self.cfg)):
+                    p = parse_prompt(line)
+                    out = call_with_known(
+                        self.backend.sample, prompt=p.prompt, negative=p.negative_prompt, width=p.width, height=p.height,
+                        steps=p.steps, cfg=p.scale, seed=p.seed if p.seed is not None else self.seed + i,
+                        sampler=p.sampler or self.cfg.sample_sampler, clip_skip=self.cfg.clip_skip or 1,
+                        max_tokens=self.cfg.max_token_length or 75)
+                    images += list(out) if isinstance(out, (list, tuple)) else [out]
+        finally:
+            self.net.train(True)
         yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
 
     def _save_state(self, folder, epoch: int) -> Iterator[Event]:
@@ -395,15 +395,13 @@ class Run:
         step = self.state.global_step
         self._hand_back()
         self._move_run_tensors(torch.device("cpu"))
-        self.memo.clear()
+        self.text.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         yield Paused(step)
         self.control.wait_while_paused()
-        unet_lr, te_lr = effective_lrs(self.cfg)
-        call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
-                        gradient_checkpointing=self.cfg.gradient_checkpointing, mixed_precision=self.cfg.mixed_precision)
-        self.prepared = True
+        self._prepare()
+        self._offload()
         self._move_run_tensors(self.device)
         self.net.apply()
         self.applied = True

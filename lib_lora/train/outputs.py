@@ -1,4 +1,4 @@
-"""Where a run writes: epoch files, state folders, samples, and the loss log (CSV always, tensorboard if asked).
+"""Where a run writes: epoch files, state folders, samples, and the loss log (CSV always, tensorboard if installed).
 
 Names follow sd-scripts so the webui's X/Y/Z "Prompt S/R" over `-01`, `-02`, ... works: `<name>-NN.safetensors`
 with NN zero-padded to at least two digits, `<name>-stepNNNNNNNN.safetensors` for a save on request, and
@@ -68,7 +68,7 @@ class LossLog:
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as fh:
                 self.rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-        if cfg.log_with in ("tensorboard", "all"):
+        if cfg.log_with in ("", "tensorboard", "all"):  # "" = tensorboard whenever it is installed
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:

@@ -15,7 +15,7 @@ from ..errors import BadInput
 from ..fsutil import check_name
 from .config import (
     LOG_WITH, MIXED_PRECISIONS, NETWORK_MODULES, OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TOKEN_LENGTHS,
-    TrainConfig, resolution_wh, sample_prompt_lines,
+    TrainConfig, field_names, resolution_wh, sample_prompt_lines,
 )
 from .steps import count_concepts
 
@@ -219,7 +219,23 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("log_with", f"{cfg.log_with!r} is not one of tensorboard, all")
     elif cfg.log_with in ("tensorboard", "all") and importlib.util.find_spec("tensorboard") is None:
         add("log_with", "tensorboard is not installed; only the CSV loss log is written", "warning")
+    out += _dataset_option_problems(cfg, {p.field for p in out})
     return out
+
+
+def _dataset_option_problems(cfg: TrainConfig, known: set[str]) -> list[Problem]:
+    """The dataset package's own checks (bucket range against the resolution, ...), minus what was said above."""
+    from ..dataset.options import DatasetOptions, validate_options
+
+    names = set(field_names())
+    found = []
+    for message in validate_options(DatasetOptions.from_config(cfg, seed=cfg.seed or 0)):
+        name = message.split()[0]
+        said = {"give": {"validation_split"}, "cache_latents": {"color_aug", "random_crop"}}.get(name, {name})
+        if said & known:
+            continue
+        found.append(Problem(name if name in names else "", message))
+    return found
 
 
 def errors_of(problems: list[Problem]) -> list[Problem]:

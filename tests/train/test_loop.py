@@ -27,11 +27,17 @@ def components(clip_tokenizer):
     return build_components("sd1", clip_tokenizer, seed=3)
 
 
+def _backend(components, cls=None):
+    from lib_lora.backends import DiffusersBackend
+
+    cls = cls or DiffusersBackend
+    c = components
+    return cls(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], scheduler=c["scheduler"], device="cpu")
+
+
 @pytest.fixture()
 def backend(components):
-    from tests.train.tiny_backend import TinyDiffusersBackend
-
-    return TinyDiffusersBackend(components)
+    return _backend(components)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +105,7 @@ def test_training_lowers_the_loss_on_a_fixed_eval_set(tmp_path, data_dir, backen
 
 def test_epoch_files_names_metadata_and_log(tmp_path, data_dir, backend):
     cfg = _cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=2, sample_every_n_epochs=3,
-               sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5",), training_comment="hello")
+               sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5 --n ugly",), training_comment="hello")
     events = _run(cfg, backend)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-02.safetensors", "tiny-03.safetensors"]
@@ -167,9 +173,9 @@ def test_resume_pause_and_repeated_resume_give_the_uninterrupted_weights(tmp_pat
 
 
 def test_model_is_bit_identical_after_a_run_that_raised_mid_step(tmp_path, data_dir, components):
-    from tests.train.tiny_backend import TinyDiffusersBackend
+    from lib_lora.backends import DiffusersBackend
 
-    class Breaks(TinyDiffusersBackend):
+    class Breaks(DiffusersBackend):
         calls = 0
 
         def predict(self, noisy, t, cond):
@@ -180,17 +186,17 @@ def test_model_is_bit_identical_after_a_run_that_raised_mid_step(tmp_path, data_
             return out
 
     before = _snapshot(components)
-    backend = Breaks(components)
+    backend = _backend(components, Breaks)
     with pytest.raises(RuntimeError, match="boom"):
-        _run(_cfg(tmp_path, data_dir, network_train_unet_only=False, gradient_checkpointing=True), backend)
+        _run(_cfg(tmp_path, data_dir, gradient_checkpointing=True, cache_latents=False), backend)
     _assert_same(before, _snapshot(components))
-    assert backend.calls["restore"] == 1
+    assert not backend.is_prepared
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_finished_epochs(tmp_path, data_dir, components):
-    from tests.train.tiny_backend import TinyDiffusersBackend
+    from lib_lora.backends import DiffusersBackend
 
-    class Overcooked(TinyDiffusersBackend):
+    class Overcooked(DiffusersBackend):
         calls = 0
 
         def predict(self, noisy, t, cond):
@@ -199,7 +205,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_finished_epochs(tmp_path, data_
             return out * float("nan") if Overcooked.calls > 7 else out
 
     before = _snapshot(components)
-    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=1), Overcooked(components))
+    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=1), _backend(components, Overcooked))
     failed = events[-1]
     assert isinstance(failed, Failed) and "step 8 (epoch 2)" in failed.message and "lower the learning rate" in failed.message
     assert [p.rsplit("/", 1)[-1] for p in failed.files] == ["tiny-01.safetensors"]
@@ -247,3 +253,48 @@ def test_save_now_and_adafactor_in_the_loop(tmp_path, data_dir, backend):
     events = _run(cfg, backend, control, lambda ev: control.save_now() if isinstance(ev, StepEnd) and ev.step == 2 else None)
     assert (tmp_path / "out" / "tiny-step00000002.safetensors").exists() and isinstance(events[-1], Done)
     assert all(e.lr > 0 for e in events if isinstance(e, StepEnd))
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_sd2_v_prediction_and_sdxl_size_conditioning_train(tmp_path, data_dir, clip_tokenizer, arch):
+    from lib_lora.backends import DiffusersBackend
+    from tests.fixtures.diffusers_models import build_components
+
+    c = build_components(arch, clip_tokenizer, seed=1)
+    backend = DiffusersBackend(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c.get("text_encoder_2"),
+                               c.get("tokenizer_2"), scheduler=c["scheduler"], device="cpu")
+    before = _snapshot(c)
+    # SDXL: UNet only, so captions come from the text-output cache with per-batch size conditioning
+    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128,
+                       bucket_reso_steps=64, network_train_unet_only=arch == "sdxl"), backend)
+    assert isinstance(events[-1], Done)
+    from lib_lora.network import read_metadata
+
+    md = read_metadata(tmp_path / "out" / "tiny.safetensors")
+    assert md["ss_base_model_version"] == {"sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}[arch]
+    keys = _weights(tmp_path / "out" / "tiny.safetensors").keys()
+    prefixes = {"sd2": {"lora_unet", "lora_te"}, "sdxl": {"lora_unet"}}[arch]
+    assert {k.split("_")[0] + "_" + k.split("_")[1] for k in keys} == prefixes
+    _assert_same(before, _snapshot(c))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(tmp_path, data_dir, backend, precision):
+    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision=precision, gradient_checkpointing=True), backend)
+    steps = [e for e in events if isinstance(e, StepEnd)]
+    assert isinstance(events[-1], Done) and steps and all(torch.isfinite(torch.tensor(e.loss)) for e in steps)
+
+
+def test_out_of_memory_is_a_message_with_remedies(tmp_path, data_dir, components):
+    from lib_lora.backends import DiffusersBackend
+
+    class Full(DiffusersBackend):
+        def predict(self, noisy, t, cond):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    before = _snapshot(components)
+    events = _run(_cfg(tmp_path, data_dir), _backend(components, Full))
+    assert isinstance(events[-1], Failed)
+    assert "out of memory at step 1" in events[-1].message and "train_batch_size 1" in events[-1].message
+    assert "gradient_checkpointing" in events[-1].message and "cache_latents" in events[-1].message
+    _assert_same(before, _snapshot(components))

@@ -1,0 +1,95 @@
+"""`python -m lib_lora train` end to end on a tiny diffusers folder, and a two-process `accelerate launch` on CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib_lora.cli import main
+from tests.fixtures.images import make_dataset
+
+pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("cli-data") / "img", {"mychar": 2}, per_concept=3)
+
+
+def _args(model, data, out, *extra):
+    return ["train", "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
+            "--output_name", "cli", "--resolution", "64", "--network_dim", "4", "--network_alpha", "2",
+            "--network_args", "conv_dim=2", "conv_alpha=1", "--train_batch_size", "2", "--seed", "1", "--cache_latents",
+            *extra]
+
+
+def test_cli_trains_and_prints_the_plan_first(tmp_path, sd1_diffusers_dir, data_dir, capsys):
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    first = out.splitlines()[0]
+    assert first.startswith("steps: 3 images x repeats = 6 per epoch") and "6 steps" in first
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["cli-01.safetensors", "cli-02.safetensors"]
+    from lib_lora.network import read_metadata
+
+    md = read_metadata(tmp_path / "out" / "cli-02.safetensors")
+    assert md["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}' and md["ss_epoch"] == "2"
+    assert "done: 6 steps, 2 file(s)" in out
+
+
+def test_cli_lists_every_problem_before_loading(tmp_path, capsys):
+    code = main(["train", "--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--train_data_dir", str(tmp_path / "none"),
+                 "--output_dir", str(tmp_path), "--network_dim", "0", "--lr_scheduler", "adafactor"])
+    err = capsys.readouterr().err
+    assert code == 1
+    for field in ("pretrained_model_name_or_path", "train_data_dir", "network_dim", "lr_scheduler"):
+        assert f"error: {field}" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_dry_run_writes_nothing(tmp_path, sd1_diffusers_dir, data_dir, capsys):
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "5", "--dry_run"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "train      2_mychar: 3 images x 2 repeats = 6" in out and "measured 3 steps" in out and "peak memory" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_config_file_and_output_config(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    assert main(["train", "--network_dim", "12", "--flip_aug", "--output_config", str(cfg)]) == 0
+    assert main(["train", "--config_file", str(tmp_path / "run"), "--network_alpha", "6", "--output_config", str(tmp_path / "b.toml")]) == 0
+    text = (tmp_path / "b.toml").read_text()
+    assert "network_dim = 12" in text and "network_alpha = 6.0" in text and "flip_aug = true" in text
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_on_cpu(tmp_path, sd1_diffusers_dir, data_dir):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    # accelerate's --cpu runs one process unless MPI is set up; --multi_gpu starts torchrun's processes, which use
+    # gloo on a machine without CUDA (what this test runs on)
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "lib_lora",
+           *_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                  "--save_state")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["cli-01.safetensors", "cli-02.safetensors"]
+    assert sorted(p.name for p in out.glob("*-state")) == ["cli-01-state", "cli-state"]
+    assert len(list((out / "logs").glob("*.csv"))) == 1
+    # 6 items, batch 2 -> 3 batches per epoch, shared by 2 processes -> 2 steps per epoch
+    assert "2 steps per epoch x 2 epochs = 4 steps" in proc.stdout and proc.stdout.count("done: 4 steps") == 1
+    from lib_lora.network import read_metadata
+
+    assert read_metadata(out / "cli-02.safetensors")["ss_total_batch_size"] == "4"

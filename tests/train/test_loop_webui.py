@@ -1,0 +1,97 @@
+"""The loop on the webui's own model objects (ldm / sgm, through LdmBackend): what the tab runs. No diffusers
+needed, so this runs on the webui stack too."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+from lib_lora.train.config import TrainConfig
+from lib_lora.train.events import Done, Interrupted, StepEnd, TrainControl, Validation
+from lib_lora.train.loop import train
+from lib_lora.train.state import build_dataset
+from tests.fixtures.images import make_dataset
+
+if importlib.util.find_spec("lib_lora.backends.ldm_backend") is None or importlib.util.find_spec("tests.backends.checkpoints") is None:
+    pytest.skip("LdmBackend and its webui-shaped test models are not merged yet", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from tests.backends.checkpoints import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("webui-ckpt")
+    return {arch: write_checkpoint(arch, folder, parameterization="eps") for arch in ("sd1", "sdxl")}
+
+
+def _webui_model(arch, checkpoints):
+    from safetensors.torch import load_file
+
+    from tests.backends.checkpoints import tiny_config
+    from tests.backends.webui_models import build_sd_model, build_sdxl_model
+
+    state = load_file(str(checkpoints[arch]))
+    return build_sdxl_model(state) if arch == "sdxl" else build_sd_model(arch, state, tiny_config(arch, "eps"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("webui-data") / "img", {"mychar": 2, "style": 1}, per_concept=2)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
+            [m.training for m in model.modules()], sum("forward" in vars(m) for m in model.modules()))
+
+
+def _same(a, b) -> bool:
+    return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1:] == b[1:]
+
+
+def _cfg(tmp_path, data_dir, **kw):
+    base = dict(train_data_dir=str(data_dir), output_dir=str(tmp_path / "out"), output_name="webui", resolution="64",
+                network_dim=4, network_alpha=4.0, learning_rate=5e-3, train_batch_size=2, max_train_epochs=2, seed=3,
+                save_precision="fp32", cache_latents=True, flip_aug=True, network_dropout=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _run(cfg, backend, control=None, stop_at=None):
+    events = []
+    for ev in train(cfg, backend, build_dataset(cfg), control):
+        events.append(ev)
+        if stop_at and isinstance(ev, StepEnd) and ev.step == stop_at:
+            control.stop()
+    return events
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_webui_model_trains_resumes_exactly_and_is_handed_back(tmp_path, data_dir, checkpoints, arch):
+    from safetensors.torch import load_file
+
+    from lib_lora.backends import LdmBackend
+
+    model = _webui_model(arch, checkpoints)
+    backend = LdmBackend(model, device="cpu")
+    before = _snapshot(model)
+    cfg = _cfg(tmp_path / "a", data_dir, validation_split=0.5 if arch == "sd1" else 0.0,
+               network_train_unet_only=arch == "sdxl")
+    events = _run(cfg, backend)
+    assert isinstance(events[-1], Done)
+    assert _same(before, _snapshot(model))
+    expected = load_file(str(tmp_path / "a" / "out" / "webui.safetensors"))
+    if arch == "sd1":
+        vals = [e for e in events if isinstance(e, Validation)]
+        assert [v.epoch for v in vals] == [0, 1, 2] and all(v.images == 2 for v in vals)
+        assert any(k.startswith("lora_te_") for k in expected)
+
+    control = TrainControl()
+    first = _run(dataclasses.replace(cfg, output_dir=str(tmp_path / "b" / "out")), backend, control, stop_at=2)
+    assert isinstance(first[-1], Interrupted) and _same(before, _snapshot(model))
+    resumed = _run(dataclasses.replace(cfg, output_dir=str(tmp_path / "b" / "out"), resume=first[-1].state_path), backend)
+    assert isinstance(resumed[-1], Done) and _same(before, _snapshot(model))
+    got = load_file(str(tmp_path / "b" / "out" / "webui.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
