@@ -58,11 +58,11 @@ def build(ctx) -> None:
     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="lora_train_test_prompt")
     negative = gr.Textbox(label="Negative prompt", elem_id="lora_train_test_negative")
     with gr.Row():
-        seed = gr.Number(value=1, label="Seed", precision=0)
-        steps = gr.Number(value=20, label="Steps", precision=0, minimum=1, maximum=150)
-        cfg_scale = gr.Number(value=7.0, label="CFG scale")
-        width = gr.Number(value=512, label="Width", precision=0)
-        height = gr.Number(value=512, label="Height", precision=0)
+        seed = gr.Number(value=1, label="Seed", precision=0, elem_id="lora_train_test_seed")
+        steps = gr.Number(value=20, label="Steps", precision=0, minimum=1, maximum=150, elem_id="lora_train_test_steps")
+        cfg_scale = gr.Number(value=7.0, label="CFG scale", elem_id="lora_train_test_cfg")
+        width = gr.Number(value=512, label="Width", precision=0, elem_id="lora_train_test_width")
+        height = gr.Number(value=512, label="Height", precision=0, elem_id="lora_train_test_height")
     with gr.Row():
         run_btn = gr.Button("Run comparison grid", variant="primary", elem_id="lora_train_test_run")
         send_btn = gr.Button("Send to txt2img", elem_id="lora_train_test_send")

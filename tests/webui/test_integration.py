@@ -251,3 +251,41 @@ def test_merge_into_a_new_checkpoint_listed_without_restart(webui):
     status, body = webui.post("/lora-train/v1/merge", {"checkpoint": title, "name": "tiny-sks",
                                                        "loras": [{"name": "sks-02", "weight": 1.0}]})
     assert status == 409 and "already exists" in body["detail"]
+
+
+@pytest.mark.browser
+def test_tab_in_the_webui_page_runs_the_grid_and_sends_it_to_txt2img(webui):
+    """In a real browser: the LoRA Train tab, the Test sub-tab's grid through X/Y/Z, and Send to txt2img."""
+    pytest.importorskip("playwright")
+    from tests.ui.test_browser import CHROMIUM, FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(webui.url)
+        page.locator("#tabs > .tab-nav button", has_text="LoRA Train").click(timeout=120000)
+        page.click("#lora_train_project_refresh")  # projects made after the page loaded
+        time.sleep(2)
+        project = page.locator("#lora_train_project input")
+        project.click()
+        page.locator("#lora_train_project ul li", has_text="sks").first.click()
+        page.locator("#lora_train_tabs > .tab-nav button", has_text="Test").click()
+        page.wait_for_function("() => document.querySelector('#lora_train_test_prompt textarea').value.includes('<lora:sks-01:')")
+        page.locator("#lora_train_test_weights textarea, #lora_train_test_weights input").first.fill("0.5, 1")
+        for elem, value in (("width", "64"), ("height", "64"), ("steps", "4")):
+            page.locator(f"#lora_train_test_{elem} input").fill(value)
+        page.click("#lora_train_test_run")
+        page.wait_for_selector("#lora_train_test_grid img", timeout=300000)
+        assert "Y Values" in page.locator("#lora_train_test_infotext textarea").input_value()
+        page.click("#lora_train_test_send")
+        page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value.includes('<lora:sks-01:0.5>')")
+        assert page.locator("#txt2img_script_container #script_list input").first.input_value() == "X/Y/Z plot"
+        x_values = page.locator("#script_txt2img_xyz_plot_x_values textarea, #script_txt2img_xyz_plot_x_values input")
+        assert x_values.first.input_value() == "sks-01, sks-02"
+        browser.close()
