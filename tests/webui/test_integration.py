@@ -289,3 +289,20 @@ def test_tab_in_the_webui_page_runs_the_grid_and_sends_it_to_txt2img(webui):
         x_values = page.locator("#script_txt2img_xyz_plot_x_values textarea, #script_txt2img_xyz_plot_x_values input")
         assert x_values.first.input_value() == "sks-01, sks-02"
         browser.close()
+
+
+@pytest.mark.slow
+def test_no_model_loaded_says_so(tmp_path_factory, ckpt_dir):
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), ckpt_dir, ["--skip-load-model-at-start"])
+    try:
+        end = time.time() + 240
+        while "Startup time:" not in webui.log_path.read_text(errors="replace"):
+            assert time.time() < end and webui.proc.poll() is None, webui.log_path.read_text()[-2000:]
+            time.sleep(1)
+        webui.post("/lora-train/v1/projects", {"name": "nomodel"})
+        add_images(webui, "nomodel", 2)
+        status, body = webui.post("/lora-train/v1/jobs", {"project": "nomodel", "config": {}})
+        assert status == 400 and "no model is loaded" in body["detail"]
+        assert webui.get("/lora-train/v1/jobs") == []
+    finally:
+        webui.stop()
