@@ -112,6 +112,9 @@ class Tab:
                         self.msg: message(f"created project {project.name} in {root}", "ok")}
 
             on(create.click, do_create, {"new_name": new_name}, [self.selector, self.msg], error_output=self.msg)
+            # projects made elsewhere (API, file manager, another browser) appear when the list is opened
+            on(self.selector.focus, lambda: {self.selector: gr.update(choices=self.service.project_names())}, {},
+               [self.selector], error_output=self.msg)
             on(refresh.click, lambda: {self.selector: gr.update(choices=self.service.project_names()),
                                        model: self.model_line()}, {}, [self.selector, model], error_output=self.msg)
         return blocks

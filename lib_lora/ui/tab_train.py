@@ -73,40 +73,38 @@ def build(ctx) -> None:
     widgets: dict[str, gr.components.Component] = {}
     steps_line = gr.HTML("", elem_id="lora_train_steps_line")
     with gr.Row():
-        for group in fields.GROUPS[:3]:
-            with gr.Column():
-                with gr.Accordion(group, open=True, elem_id=f"lora_train_group_{group.lower()}"):
-                    for f in fields.FIELDS:
-                        if f.group == group:
-                            widgets[f.name] = _widget(f)
-    with gr.Row():
-        for group in fields.GROUPS[3:]:
-            with gr.Column():
-                with gr.Accordion(group, open=group == "Processing", elem_id=f"lora_train_group_{group.lower()}"):
-                    for f in fields.FIELDS:
-                        if f.group == group:
-                            widgets[f.name] = _widget(f)
-    with gr.Row():
-        preset = gr.Dropdown(preset_names(ctx.host.presets_dir()), label="Preset", elem_id="lora_train_preset")
-        preset_name = gr.Textbox(label="Save as preset", elem_id="lora_train_preset_name")
-        load_btn = gr.Button("Load preset")
-        save_btn = gr.Button("Save preset")
-        upload = gr.File(label="Import kohya_ss .json / sd-scripts .toml", file_types=[".json", ".toml"],
-                         elem_id="lora_train_import_config")
-    with gr.Row():
-        start_btn = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
-        pause_btn = gr.Button("Pause / Resume", elem_id="lora_train_pause")
-        interrupt_btn = gr.Button("Interrupt", elem_id="lora_train_interrupt")
-        poll_btn = gr.Button("Refresh", elem_id="lora_train_poll")
-    status = gr.HTML("", elem_id="lora_train_status")
-    with gr.Row():
-        plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Loss", width=520, height=260,
-                           elem_id="lora_train_loss_plot")
-        with gr.Column():
-            files = gr.Textbox(label="Saved epochs and loader checks", lines=6, interactive=False,
+        with gr.Column(scale=3):  # settings, in the order guides teach them
+            for row in (fields.GROUPS[:2], fields.GROUPS[2:4], fields.GROUPS[4:]):
+                with gr.Row():
+                    for group in row:
+                        with gr.Column():
+                            with gr.Accordion(group, open=group not in ("Samples", "Advanced"),
+                                              elem_id=f"lora_train_group_{group.lower()}"):
+                                for f in fields.FIELDS:
+                                    if f.group == group:
+                                        widgets[f.name] = _widget(f)
+            with gr.Accordion("Presets and imports", open=False, elem_id="lora_train_presets"):
+                with gr.Row():
+                    preset = gr.Dropdown(preset_names(ctx.host.presets_dir()), label="Preset", elem_id="lora_train_preset")
+                    load_btn = gr.Button("Load preset")
+                with gr.Row():
+                    preset_name = gr.Textbox(label="Save as preset", elem_id="lora_train_preset_name")
+                    save_btn = gr.Button("Save preset")
+                upload = gr.File(label="Import kohya_ss .json / sd-scripts .toml", file_types=[".json", ".toml"],
+                                 elem_id="lora_train_import_config")
+        with gr.Column(scale=2):  # the run: buttons, live status, loss plot, files, queue
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
+                pause_btn = gr.Button("Pause / Resume", elem_id="lora_train_pause")
+                interrupt_btn = gr.Button("Interrupt", elem_id="lora_train_interrupt")
+                poll_btn = gr.Button("Refresh", elem_id="lora_train_poll")
+            status = gr.HTML("", elem_id="lora_train_status")
+            plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Loss", width=460, height=260,
+                               elem_id="lora_train_loss_plot")
+            files = gr.Textbox(label="Saved epochs and loader checks", lines=5, interactive=False,
                                elem_id="lora_train_files")
-    queue_table = gr.Dataframe(headers=["job", "project", "status", "step", "epoch", "loss", "message"],
-                               interactive=False, label="Queue", elem_id="lora_train_queue")
+            queue_table = gr.Dataframe(headers=["job", "project", "status", "step", "epoch", "loss", "message"],
+                                       interactive=False, label="Queue", elem_id="lora_train_queue")
 
     names = list(widgets)
 
