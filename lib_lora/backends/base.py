@@ -102,7 +102,8 @@ def size_ids(sizes, batch: int, device=None) -> torch.Tensor | None:
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] != 6:
-        raise BadInput(f"SDXL sizes must be 6 numbers per image (original h,w, crop top,left, target h,w); got {tuple(ids.shape)}")
+        raise BadInput("SDXL sizes must be 6 numbers per image (original h,w, crop top,left, target h,w); "
+                       f"got {tuple(ids.shape)}")
     if ids.shape[0] == 1 and batch > 1:
         ids = ids.expand(batch, 6)
     if ids.shape[0] != batch:
@@ -111,7 +112,8 @@ def size_ids(sizes, batch: int, device=None) -> torch.Tensor | None:
 
 
 def _is_triple(rows) -> bool:
-    return len(rows) == 3 and all(isinstance(r, (list, tuple)) and len(r) == 2 and not isinstance(r[0], (list, tuple)) for r in rows)
+    return len(rows) == 3 and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and not isinstance(r[0], (list, tuple)) for r in rows)
 
 
 def _flatten_sizes(row) -> list[float]:
@@ -137,7 +139,8 @@ def gaussian_like(ref: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.randn(ref.shape, generator=generator, device=where, dtype=torch.float32).to(ref.device, ref.dtype)
 
 
-def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> torch.Tensor:
+def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012,
+                                 steps: int = 1000) -> torch.Tensor:
     """SD's training schedule computed as ldm does (float64, then float32): what `alphas_cumprod` holds in the webui."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, 0).to(torch.float32)
@@ -227,7 +230,8 @@ class Backend(abc.ABC):
 
     # ---- the work ---------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode_images(self, pixels: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, *, sample: bool = True,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1], NCHW -> scaled latents (float32). `sample=False` gives the distribution's mean."""
 
     @abc.abstractmethod
@@ -235,8 +239,9 @@ class Backend(abc.ABC):
         """Scaled latents -> pixels in [-1, 1] (float32)."""
 
     @abc.abstractmethod
-    def encode_prompts(self, texts: Sequence[str], clip_skip: int = 1, max_tokens: int = 75, sizes=None, *, pad_chunks: bool = False) -> Cond:
-        """Captions -> Cond (see text.py for the 75-token chunking). Gradients flow only while the text encoders train."""
+    def encode_prompts(self, texts: Sequence[str], clip_skip: int = 1, max_tokens: int = 75, sizes=None, *,
+                       pad_chunks: bool = False) -> Cond:
+        """Captions -> Cond (text.py has the 75-token chunking). Gradients flow only while the text encoders train."""
 
     @abc.abstractmethod
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -318,12 +323,17 @@ class Backend(abc.ABC):
             self.restore()
 
     def offload_vae(self) -> None:
-        """Move the VAE to the CPU (after latents are cached); restore() brings it back. Decoding still works."""
-        self._require_state("offload the VAE").move(self._vae_module(), torch.device("cpu"))
+        """Move the VAE to the CPU (after latents are cached); restore() brings it back. Decoding still works.
+        A no-op where the host manages placement (the webui's medvram)."""
+        state = self._require_state("offload the VAE")
+        if not self._placement_managed():
+            state.move(self._vae_module(), torch.device("cpu"))
 
     def offload_text_encoders(self) -> None:
         """Move the text encoders to the CPU (after text outputs are cached); restore() brings them back."""
         state = self._require_state("offload the text encoders")
+        if self._placement_managed():
+            return
         for te in self._text_modules():
             state.move(te, torch.device("cpu"))
 
@@ -361,6 +371,10 @@ class Backend(abc.ABC):
     def _after_restore(self) -> None:
         """Re-read anything cached from the model (e.g. the device) after restore."""
 
+    def _placement_managed(self) -> bool:
+        """True when the host moves modules itself (then the backend never moves them for training)."""
+        return False
+
     # ---- helpers for subclasses ---------------------------------------------------------------------------------
     def _text_grad_context(self):
         """Text encoders build a graph only while they train (caching and inference stay cheap)."""
@@ -371,6 +385,13 @@ class Backend(abc.ABC):
     def _module_on_device(self, module: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Run `module` on the backend device even when it was offloaded (moved back afterwards)."""
         return _TemporarilyOn(module, self.device)
+
+    def _text_on_device(self) -> contextlib.AbstractContextManager:
+        """The text encoders on the backend device for one encode (offloaded, or parked by the webui's medvram)."""
+        stack = contextlib.ExitStack()
+        for module in self._text_modules():
+            stack.enter_context(_TemporarilyOn(module, self.device))
+        return stack
 
 
 class _TemporarilyOn:
@@ -396,7 +417,8 @@ def check_arch(arch: str) -> str:
 
 
 def check_prediction_type(kind: str) -> str:
-    aliases = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction", "v-prediction": "v_prediction"}
+    aliases = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
+               "v-prediction": "v_prediction"}
     if kind not in aliases:
         raise BadInput(f"unknown prediction type {kind!r}: expected epsilon or v_prediction")
     return aliases[kind]

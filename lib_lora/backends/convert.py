@@ -31,7 +31,8 @@ def unet_to_diffusers(ldm_unet: dict, layout: UNetLayout) -> dict:
         try:
             out[f"{ldm_to_diffusers(module, layout)}.{param}"] = value
         except KeyError:
-            raise IncompatibleFile(f"the checkpoint's UNet does not fit its config: unexpected {UNET_PREFIX}{key}") from None
+            raise IncompatibleFile(
+                f"the checkpoint's UNet does not fit its config: unexpected {UNET_PREFIX}{key}") from None
     return out
 
 
@@ -87,7 +88,7 @@ def _vae_key(key: str, levels: int) -> str | None:
 
 # ---- text encoders ------------------------------------------------------------------------------------------------
 def hf_clip_keys(state: dict) -> dict:
-    """HF CLIP keys in transformers-4 spelling (`text_model.` present; old checkpoints lack it); position_ids dropped."""
+    """HF CLIP keys in transformers-4 spelling (old checkpoints lack `text_model.`); position_ids dropped."""
     out = {}
     for key, value in state.items():
         if key.endswith("position_ids"):
@@ -169,7 +170,8 @@ def load_exact(model: torch.nn.Module, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
-        raise IncompatibleFile(f"the checkpoint's {what} does not fit its config: {str(exc).splitlines()[-1].strip()}") from None
+        reason = str(exc).splitlines()[-1].strip()
+        raise IncompatibleFile(f"the checkpoint's {what} does not fit its config: {reason}") from None
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:  # non-persistent buffers (position_ids) are not in checkpoints
             owner_name, _, leaf = name.rpartition(".")

@@ -1,4 +1,4 @@
-"""DiffusersBackend: a diffusers UNet + VAE + transformers CLIP text encoders, for the CLI, the standalone app and tests.
+"""DiffusersBackend: diffusers UNet + VAE + transformers CLIP text encoders, for the CLI, standalone app and tests.
 
 Loads a diffusers folder (`model_index.json`) or a single `.safetensors` / `.ckpt` file (single_file.py), strictly
 offline for single files. Text is encoded the webui's way (text.py) so a LoRA trained here behaves in the webui as
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -71,8 +70,9 @@ class DiffusersBackend(Backend):
     """Backend over diffusers / transformers components (which it owns, or borrows and hands back restored)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer=None, text_encoder_2=None, tokenizer_2=None, *,
-                 arch: str | None = None, prediction_type: str | None = None, alphas_cumprod: torch.Tensor | None = None,
-                 scheduler=None, device: str | torch.device | None = None) -> None:
+                 arch: str | None = None, prediction_type: str | None = None,
+                 alphas_cumprod: torch.Tensor | None = None, scheduler=None,
+                 device: str | torch.device | None = None) -> None:
         super().__init__()
         self.unet, self.vae = unet, vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
@@ -95,7 +95,10 @@ class DiffusersBackend(Backend):
             self.device = torch.device(device)
             for module in self._roots():
                 module.to(self.device)
-        self.text_encoders = {"te": text_encoder} if self.arch != "sdxl" else {"te1": text_encoder, "te2": text_encoder_2}
+        if self.arch == "sdxl":
+            self.text_encoders = {"te1": text_encoder, "te2": text_encoder_2}
+        else:
+            self.text_encoders = {"te": text_encoder}
         if self.arch == "sdxl" and text_encoder_2 is None:
             raise IncompatibleFile("an SDXL model needs two text encoders; text_encoder_2 is missing")
 
@@ -126,8 +129,8 @@ class DiffusersBackend(Backend):
                 te2 = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"), torch_dtype=dtype, **kw)
         except (OSError, ValueError) as exc:
             raise IncompatibleFile(f"cannot load the diffusers model in {root}: {str(exc).splitlines()[0]}") from None
-        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer")) if (root / "tokenizer").is_dir() else None
-        tokenizer_2 = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2")) if (root / "tokenizer_2").is_dir() else None
+        tokenizer, tokenizer_2 = (CLIPTokenizer.from_pretrained(str(root / name)) if (root / name).is_dir() else None
+                                  for name in ("tokenizer", "tokenizer_2"))
         sched_cfg = {}
         sched_file = root / "scheduler" / "scheduler_config.json"
         if sched_file.is_file():
@@ -203,7 +206,7 @@ class DiffusersBackend(Backend):
             chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
             return chunked.reshape(-1, T.CONTEXT).to(self.device)
 
-        with self._text_grad_context(), self.autocast():
+        with self._text_on_device(), self._text_grad_context(), self.autocast():
             if self.arch != "sdxl":
                 pad = 0 if self.arch == "sd2" else T.EOS_ID  # SD2's encoder is OpenCLIP: pads with 0
                 states = T.encode_hf_clip(self.text_encoder, ids(pad), clip_skip=int(clip_skip))
@@ -227,8 +230,8 @@ class DiffusersBackend(Backend):
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(self.device, in_dtype),
                                            "time_ids": time_ids.to(self.device, in_dtype)}
         with self.autocast():
-            out = self.unet(noisy.to(in_dtype), timesteps, encoder_hidden_states=cond.crossattn.to(self.device, in_dtype),
-                            **kwargs).sample
+            context = cond.crossattn.to(self.device, in_dtype)
+            out = self.unet(noisy.to(in_dtype), timesteps, encoder_hidden_states=context, **kwargs).sample
         return out.float()
 
     # ---- training state ---------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ Never imports `modules.*` nor diffusers: this runs inside the webui on its pinne
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ..errors import BadInput, IncompatibleFile
@@ -46,7 +44,8 @@ def is_open_clip_embedder(emb) -> bool:
 class LdmBackend(Backend):
     """Backend over an ldm LatentDiffusion (SD1/SD2) or sgm DiffusionEngine (SDXL), as the webui holds it."""
 
-    def __init__(self, sd_model, *, device: str | torch.device | None = None, prediction_type: str | None = None) -> None:
+    def __init__(self, sd_model, *, device: str | torch.device | None = None,
+                 prediction_type: str | None = None) -> None:
         super().__init__()
         self.model = sd_model
         if getattr(sd_model, "is_sd3", False):
@@ -57,17 +56,29 @@ class LdmBackend(Backend):
         if self.unet is None:
             raise IncompatibleFile("the loaded model has no UNet at model.diffusion_model")
         if getattr(wrapper, "conditioning_key", "crossattn") not in ("crossattn", None) and not self.is_sgm:
-            raise IncompatibleFile(f"{wrapper.conditioning_key!r} conditioning (inpainting / edit models) cannot be trained here")
+            raise IncompatibleFile(
+                f"{wrapper.conditioning_key!r} conditioning (inpainting / edit models) cannot be trained here")
         in_conv = self.unet.input_blocks[0][0]
         if getattr(in_conv, "in_channels", 4) != 4:
-            raise IncompatibleFile(f"a UNet with {in_conv.in_channels} input channels (inpainting) cannot be trained here")
+            raise IncompatibleFile(
+                f"a UNet with {in_conv.in_channels} input channels (inpainting) cannot be trained here")
         self.first_stage = sd_model.first_stage_model
         if self.is_sgm:
             self._init_sdxl(sd_model.conditioner)
         else:
             self._init_sd(sd_model.cond_stage_model)
         self.prediction_type = check_prediction_type(prediction_type or self._model_prediction())
-        self.device = torch.device(device) if device is not None else module_device(self.unet)
+        self._given_device = torch.device(device) if device is not None else None
+        self.device = self._given_device or self._model_device()
+        self._alphas_cache: tuple | None = None
+
+    def _model_device(self) -> torch.device:
+        """Where the UNet computes. Under the webui's medvram the UNet is parked on the CPU between calls: the webui
+        should pass `device=devices.device`; without it, CUDA is assumed when present."""
+        here = module_device(self.unet)
+        if getattr(self.model, "lowvram", False) and here.type == "cpu" and torch.cuda.is_available():
+            return torch.device("cuda")
+        return here
 
     def _init_sd(self, cond_stage) -> None:
         emb = unwrap(cond_stage)
@@ -124,7 +135,10 @@ class LdmBackend(Backend):
             ac = getattr(self.model, "alphas_cumprod", None)
         if ac is None:
             ac = scaled_linear_alphas_cumprod()  # sgm's LegacyDDPMDiscretization defaults
-        return ac.detach().to(self.device, torch.float32)
+        key = (id(ac), ac.data_ptr(), self.device)
+        if self._alphas_cache is None or self._alphas_cache[0] != key:
+            self._alphas_cache = (key, ac.detach().to(self.device, torch.float32))
+        return self._alphas_cache[1]
 
     @property
     def scaling_factor(self) -> float:
@@ -138,7 +152,8 @@ class LdmBackend(Backend):
             x = pixels.to(self.device, module_dtype(vae))
             if hasattr(vae, "encoder") and hasattr(vae, "quant_conv"):
                 mean, logvar = vae.quant_conv(vae.encoder(x)).float().chunk(2, dim=1)
-                z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * gaussian_like(mean, generator) if sample else mean
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # ldm's DiagonalGaussianDistribution
+                z = mean + std * gaussian_like(mean, generator) if sample else mean
             else:  # an unknown first stage: trust its encode()
                 out = vae.encode(x)
                 z = (out.sample() if sample else out.mode()) if hasattr(out, "mode") else out
@@ -166,7 +181,7 @@ class LdmBackend(Backend):
             chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
             return chunked.reshape(-1, T.CONTEXT).to(self.device)
 
-        with self._text_grad_context(), self.autocast():
+        with self._text_on_device(), self._text_grad_context(), self.autocast():
             if self.arch == "sd1":
                 states = T.encode_hf_clip(self.te.transformer, ids(T.EOS_ID), clip_skip=clip_skip)
                 return Cond(T.join_chunks(states, batch).float())
@@ -252,10 +267,12 @@ class LdmBackend(Backend):
                     if unwrap(obj) in (self.te1, self.te2) and hasattr(obj, "is_trainable"):
                         state.set_attr(obj, "is_trainable", True)
 
+    def _placement_managed(self) -> bool:
+        return bool(getattr(self.model, "lowvram", False))  # the webui's medvram hooks own placement
+
     def _move_for_training(self, state, device: torch.device) -> None:
-        if getattr(self.model, "lowvram", False):
-            return  # the webui's medvram hooks own placement; moving modules would fight them
-        super()._move_for_training(state, device)
+        if not self._placement_managed():
+            super()._move_for_training(state, device)
 
     def _after_restore(self) -> None:
-        self.device = module_device(self.unet)
+        self.device = self._given_device or self._model_device()

@@ -107,7 +107,8 @@ def generate(backend, prompt: str | Sequence[str], negative: str | Sequence[str]
     sizes = [(height, width, 0, 0, height, width)] * len(prompts)
     guided = cfg > 1.0
     texts = negatives + prompts if guided else prompts
-    both = backend.encode_prompts(texts, clip_skip, max_tokens, sizes=sizes * (2 if guided else 1))  # one call: same length
+    # one call, so prompt and negative get the same number of chunks
+    both = backend.encode_prompts(texts, clip_skip, max_tokens, sizes=sizes * (2 if guided else 1))
     uncond, cond = (both[: len(prompts)], both[len(prompts):]) if guided else (None, both)
     latents = sample_latents(backend, cond, uncond, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                              sampler=sampler)

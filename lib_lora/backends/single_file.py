@@ -34,7 +34,8 @@ DEFAULT_CONFIGS = {
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {}}}}},
     "sd2": {"model": {"params": {
         "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
-        "unet_config": {"params": dict(_SD_UNET, num_head_channels=64, use_linear_in_transformer=True, context_dim=1024)},
+        "unet_config": {"params": dict(_SD_UNET, num_head_channels=64, use_linear_in_transformer=True,
+                                       context_dim=1024)},
         "first_stage_config": _FIRST_STAGE,
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                               "params": {"freeze": True, "layer": "penultimate"}}}}},
@@ -46,7 +47,8 @@ DEFAULT_CONFIGS = {
             "num_head_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [1, 2, 10],
             "context_dim": 2048}},
         "conditioner_config": {"params": {"emb_models": [
-            {"target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"layer": "hidden", "layer_idx": 11}},
+            {"target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+             "params": {"layer": "hidden", "layer_idx": 11}},
             {"target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
              "params": {"arch": "ViT-bigG-14", "layer": "penultimate", "always_return_pooled": True, "legacy": False}},
             {"input_key": "original_size_as_tuple", "params": {"outdim": 256}},
@@ -91,10 +93,12 @@ def detect_arch(state: dict) -> str:
     if unet_in is None:
         raise IncompatibleFile("not a Stable Diffusion checkpoint (no model.diffusion_model.input_blocks.0.0.weight)")
     if unet_in.shape[1] != 4:
-        raise IncompatibleFile(f"a UNet with {unet_in.shape[1]} input channels (inpainting / edit model) cannot be trained here")
+        raise IncompatibleFile(
+            f"a UNet with {unet_in.shape[1]} input channels (inpainting / edit model) cannot be trained here")
     if any(k.startswith("conditioner.embedders.") for k in state):
         if not any(k.startswith("conditioner.embedders.0.transformer.") for k in state):
-            raise IncompatibleFile("an SDXL refiner checkpoint (one OpenCLIP encoder) is not supported; use an SDXL base model")
+            raise IncompatibleFile(
+                "an SDXL refiner checkpoint (one OpenCLIP encoder) is not supported; use an SDXL base model")
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.transformer.") for k in state):
         return "sd2"
@@ -319,7 +323,8 @@ def _build_parts(state, metadata, arch, params, yaml_path, prediction_type, dtyp
         te2_params = _get(emb[1] if len(emb) > 1 else {}, "params", default={})
         folder = _local_folder(te1_params.get("version"))
         te1 = _hf_clip(C.hf_clip_keys(C.take(state, "conditioner.embedders.0.transformer.")), folder, dtype)
-        te2 = _openclip_as_hf(state, "conditioner.embedders.1.model.", te2_params, dtype, keep_last=True, projection=True)
+        te2 = _openclip_as_hf(state, "conditioner.embedders.1.model.", te2_params, dtype, keep_last=True,
+                              projection=True)
         tokenizer = _tokenizer(folder)
         parts.update(text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer)
     else:

@@ -125,7 +125,8 @@ def encode_hf_clip(model, ids: torch.Tensor, *, clip_skip: int = 1, hidden_index
         states = out.last_hidden_state
     else:
         if clip_skip > len(out.hidden_states):
-            raise BadInput(f"clip_skip {clip_skip} is deeper than the text encoder's {len(out.hidden_states) - 1} layers")
+            layers = len(out.hidden_states) - 1
+            raise BadInput(f"clip_skip {clip_skip} is deeper than the text encoder's {layers} layers")
         states = out.hidden_states[-clip_skip]
         if final_norm:
             states = hf_text_core(model).final_layer_norm(states)

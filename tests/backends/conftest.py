@@ -33,14 +33,30 @@ def webui_model(checkpoint_files):
     return lambda arch: _webui_model(arch, checkpoint_files)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_webui_models(checkpoint_files):
-    """Read-only webui-shaped models, built once per module."""
+    """Read-only webui-shaped models, built once per session (tests that use them restore what they touch)."""
     cache = {}
 
     def get(arch):
         if arch not in cache:
             cache[arch] = _webui_model(arch, checkpoint_files)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def single_file_backends(checkpoint_files):
+    """Read-only DiffusersBackends loaded from the tiny single files, once per session (needs diffusers)."""
+    pytest.importorskip("diffusers")
+    from lib_lora.backends import DiffusersBackend
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = DiffusersBackend.from_single_file(checkpoint_files[arch])
         return cache[arch]
 
     return get

@@ -189,3 +189,39 @@ def test_bf16_base_weights_with_fp32_adapter(sd1_diffusers_dir, sd1):
         assert adapter.down.dtype == torch.float32 and adapter.down.grad.abs().sum() > 0
     finally:
         adapter.remove()
+
+
+def test_sd2_components_report_v_prediction_and_pad_with_zero(sd2_components):
+    backend = DiffusersBackend(**sd2_components)
+    assert (backend.arch, backend.prediction_type) == ("sd2", "v_prediction")
+    ids = ids77(backend.tokenizer, "a photo of a cat")
+    ids[0, 7:] = 0  # OpenCLIP-style padding after the EOS at index 6
+    with torch.no_grad():
+        expected = backend.text_encoder(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(backend.encode_prompts(["a photo of a cat"]).crossattn, expected, rtol=0, atol=1e-6)
+
+
+def test_sdxl_components_two_encoders_pooled_and_size_ids(sdxl_components):
+    backend = DiffusersBackend(**sdxl_components)
+    assert (backend.arch, set(backend.text_encoders)) == ("sdxl", {"te1", "te2"})
+    ids1 = ids77(backend.tokenizer, "a photo of a cat")
+    ids2 = ids1.clone()
+    ids2[0, 7:] = 0
+    with torch.no_grad():
+        h1 = backend.text_encoder(input_ids=ids1, output_hidden_states=True).hidden_states[-2]
+        out2 = backend.text_encoder_2(input_ids=ids2, output_hidden_states=True)
+    cond = backend.encode_prompts(["a photo of a cat"], sizes=[((96, 64), (8, 0), (64, 64))])
+    torch.testing.assert_close(cond.crossattn, torch.cat([h1, out2.hidden_states[-2]], -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.pooled, out2.text_embeds, rtol=0, atol=1e-6)
+    assert cond.time_ids.tolist() == [[96, 64, 8, 0, 64, 64]]
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10])
+    with torch.no_grad():
+        expected = backend.unet(lat, t, encoder_hidden_states=cond.crossattn, added_cond_kwargs={
+            "text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample
+    torch.testing.assert_close(backend.predict(lat, t, cond), expected)
+    default = backend.predict(lat, t, Cond(cond.crossattn, cond.pooled))  # no sizes: 64x64, no crop
+    torch.testing.assert_close(default, backend.predict(lat, t, cond.with_sizes((64, 64, 0, 0, 64, 64))))
+    assert (default - expected).abs().max() > 1e-5
+    with pytest.raises(BadInput, match="6 numbers"):
+        cond.with_sizes([(64, 64)])

@@ -27,7 +27,11 @@ def hf_core(transformer):
 
 
 def test_sd1_is_read_through_the_hijack_wrapper(shared_webui_models):
+    from tests.backends.webui_models import real_ldm_available
+
     model = shared_webui_models("sd1")
+    if real_ldm_available():  # the webui stack: the very class the webui holds
+        assert type(model).__module__ == "ldm.models.diffusion.ddpm" and type(model).__name__ == "LatentDiffusion"
     b = LdmBackend(model)
     assert (b.arch, b.prediction_type) == ("sd1", "epsilon")
     assert b.unet is model.model.diffusion_model
@@ -242,3 +246,22 @@ def test_offloaded_vae_and_text_encoders_come_back(webui_model):
         assert backend.encode_images(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 8, 8)  # still usable
     with pytest.raises(BadInput, match="prepare_for_training"):
         backend.offload_vae()
+
+
+def test_webui_path_imports_neither_diffusers_nor_webui_modules():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import lib_lora.backends as b\n"
+        "from lib_lora.backends import LdmBackend, Cond, generate\n"
+        "import lib_lora.backends.ldm_backend, lib_lora.backends.sampling, lib_lora.backends.text\n"
+        "bad = [m for m in sys.modules if m == 'diffusers' or m.startswith(('diffusers.', 'modules.')) or m == 'modules']\n"
+        "assert not bad, bad\n"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -84,3 +84,24 @@ def test_architecture_detection_from_keys():
         detect_arch(_keys("cond_stage_model.transformer.text_model.final_layer_norm.weight", in_channels=9))
     with pytest.raises(IncompatibleFile, match="not a Stable Diffusion"):
         detect_arch({"foo": torch.zeros(1)})
+
+
+def test_old_sd1_text_keys_without_text_model_are_accepted():
+    from lib_lora.backends.convert import hf_clip_keys
+
+    old = {"embeddings.token_embedding.weight": torch.zeros(1), "embeddings.position_ids": torch.zeros(1),
+           "text_model.final_layer_norm.weight": torch.zeros(1)}
+    assert sorted(hf_clip_keys(old)) == ["text_model.embeddings.token_embedding.weight",
+                                         "text_model.final_layer_norm.weight"]
+
+
+def test_sdxl_diffusers_folder_loads_both_text_encoders(tmp_path, clip_tokenizer):
+    from tests.fixtures.diffusers_models import save_pipeline
+
+    folder = save_pipeline("sdxl", clip_tokenizer, tmp_path / "xl")
+    backend = load_backend(folder)
+    assert (backend.arch, backend.prediction_type, set(backend.text_encoders)) == ("sdxl", "epsilon", {"te1", "te2"})
+    assert type(backend.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert DiffusersBackend.from_pretrained(folder, prediction_type="v").prediction_type == "v_prediction"
+    cond = backend.encode_prompts(["a cat"])
+    assert cond.crossattn.shape == (1, 77, 64) and cond.pooled.shape == (1, 32)

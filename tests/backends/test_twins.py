@@ -8,27 +8,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lib_lora.backends import DiffusersBackend, LdmBackend  # noqa: E402
+from lib_lora.backends import LdmBackend  # noqa: E402
 
 CAPTIONS = ["a photo of a cat, " * 30, "a dog"]  # 150+ tokens: two chunks, comma back-tracking
 SIZES = [((96, 64), (8, 0), (64, 64)), ((64, 64), (0, 0), (64, 64))]
 
 
-@pytest.fixture(scope="module")
-def diffusers_backends(checkpoint_files):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = DiffusersBackend.from_single_file(checkpoint_files[arch])
-        return cache[arch]
-
-    return get
-
-
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_both_backends_compute_the_same(arch, shared_webui_models, diffusers_backends):
-    ldm, dif = LdmBackend(shared_webui_models(arch)), diffusers_backends(arch)
+def test_both_backends_compute_the_same(arch, shared_webui_models, single_file_backends):
+    ldm, dif = LdmBackend(shared_webui_models(arch)), single_file_backends(arch)
     assert (ldm.arch, ldm.prediction_type) == (dif.arch, dif.prediction_type)
     assert dif.prediction_type == ("v_prediction" if arch == "sd2" else "epsilon")
     torch.testing.assert_close(ldm.alphas_cumprod, dif.alphas_cumprod, rtol=0, atol=1e-7)
@@ -55,8 +43,9 @@ def test_both_backends_compute_the_same(arch, shared_webui_models, diffusers_bac
     assert pred_ldm.abs().mean() > 0.05  # a real signal, not two zeros
 
 
-def test_previews_match_across_backends(shared_webui_models, diffusers_backends):
-    ldm, dif = LdmBackend(shared_webui_models("sd1")), diffusers_backends("sd1")
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_previews_match_across_backends(arch, shared_webui_models, single_file_backends):
+    ldm, dif = LdmBackend(shared_webui_models(arch)), single_file_backends(arch)
     a = ldm.sample("a cat", steps=2, width=64, height=64, seed=3)[0]
     b = dif.sample("a cat", steps=2, width=64, height=64, seed=3)[0]
     diff = max(abs(x - y) for pa, pb in zip(a.getdata(), b.getdata()) for x, y in zip(pa, pb))

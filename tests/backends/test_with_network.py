@@ -58,12 +58,8 @@ def test_lora_training_step_through_ldm_backend_then_bit_exact_restore(webui_mod
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_one_lora_file_same_result_on_both_backends(arch, shared_webui_models, checkpoint_files):
-    pytest.importorskip("diffusers")
-    from lib_lora.backends import DiffusersBackend
-
-    ldm = LdmBackend(shared_webui_models(arch))
-    dif = DiffusersBackend.from_single_file(checkpoint_files[arch])
+def test_one_lora_file_same_result_on_both_backends(arch, shared_webui_models, single_file_backends):
+    ldm, dif = LdmBackend(shared_webui_models(arch)), single_file_backends(arch)
     net_ldm = LoraNetwork(ldm.lora_targets(CFG), CFG)
     net_dif = LoraNetwork(dif.lora_targets(CFG), CFG)
     assert sorted(net_ldm.names()) == sorted(net_dif.names())
