@@ -38,11 +38,21 @@
         if (box) updateSteps();
     });
 
-    // Status, loss plot and queue: refreshed every 2 s while the Train sub-tab is on screen.
+    // Status, loss plot and queue: refreshed every 2 s while the Train sub-tab is on screen. When a run
+    // finishes, the webui's Lora cards are refreshed too (their hidden refresh buttons), so new epochs show up.
+    var lastStatus = "";
     setInterval(function () {
         var status = el("lora_train_status");
         var poll = el("lora_train_poll");
         if (visible(status) && poll && !document.hidden) poll.click();
+        var text = status ? status.innerText : "";
+        if (text !== lastStatus && /: (done|interrupted)/.test(text)) {
+            ["txt2img_lora_extra_refresh_internal", "img2img_lora_extra_refresh_internal"].forEach(function (id) {
+                var button = el(id);
+                if (button) button.click();
+            });
+        }
+        lastStatus = text;
     }, 2000);
 
     // Caption editor keys: Ctrl+S saves, Alt+Left / Alt+Right open the previous / next image.
