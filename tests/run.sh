@@ -13,6 +13,12 @@ setup() {  # venv dir, requirements file
     "$1/bin/python" -c "import torch, transformers, safetensors" # fail early if the install did not take
 }
 
+# Debian's chromium for the browser tests of the standalone tab (playwright drives it; no browser download)
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+        || echo "warning: could not install chromium; the browser tests will be skipped"
+fi
+
 setup .venv requirements-dev.txt
 setup .venv-webui tests/requirements-webui.txt
 
