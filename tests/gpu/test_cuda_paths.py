@@ -43,7 +43,7 @@ def test_cli_trains_on_cuda(tmp_path, sd1_diffusers_dir, data_dir, capsys, optim
                  "--output_dir", str(tmp_path), "--output_name", "gpu", "--resolution", "64", "--network_dim", "4",
                  "--network_alpha", "4", "--train_batch_size", "2", "--max_train_epochs", "2", "--seed", "1",
                  "--optimizer_type", optimizer, "--learning_rate", lr, "--mixed_precision", precision,
-                 "--cache_latents", "--gradient_checkpointing"])
+                 "--cache_latents", "--gradient_checkpointing", "--save_every_n_epochs", "1"])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     files = sorted(p.name for p in tmp_path.glob("gpu-*.safetensors"))
