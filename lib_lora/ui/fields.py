@@ -1,0 +1,193 @@
+"""The Train sub-tab's settings, as one table of named fields grouped the way LoRA guides teach them.
+
+Why a table: the widgets, the preset files, the API's job config and the handlers all use the same names (the
+`TrainConfig` field names, i.e. sd-scripts' option names), so values travel by name, never by position, and
+adding a field touches one line. Help text and choices come from `TrainConfig`'s field metadata; this table adds
+only what a tab needs (label, widget, group, range, and the defaults that work for a first LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..errors import BadInput
+
+GROUPS = ("Steps", "Learning", "Structure", "Processing", "Samples", "Advanced")
+PSEUDO = ("conv_dim", "conv_alpha")  # tab fields that become `network_args` entries
+
+
+@dataclass(frozen=True)
+class UiField:
+    name: str
+    label: str
+    group: str
+    widget: str  # number | int | text | textarea | dropdown | checkbox
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    zero_is_none: bool = False  # 0 in the widget means "unset" (None) in the config
+    info: str = ""
+
+
+F = UiField
+FIELDS: tuple[UiField, ...] = (
+    # Steps: images x repeats x epochs / batch
+    F("max_train_epochs", "Epochs", "Steps", "int", 10, 1, 1000),
+    F("train_batch_size", "Batch size", "Steps", "int", 1, 1, 64),
+    F("gradient_accumulation_steps", "Gradient accumulation", "Steps", "int", 1, 1, 64),
+    F("save_every_n_epochs", "Save every N epochs", "Steps", "int", 1, 1, 1000),
+    F("seed", "Seed (-1 = random)", "Steps", "int", 42, -1, 2**32 - 1),
+    # Learning
+    F("optimizer_type", "Optimizer", "Learning", "dropdown", "AdamW"),
+    F("unet_lr", "UNet learning rate", "Learning", "number", 5e-4, 0, 10),
+    F("text_encoder_lr", "Text encoder learning rate (0 = UNet only)", "Learning", "number", 1e-4, 0, 10),
+    F("lr_scheduler", "Scheduler", "Learning", "dropdown", "cosine_with_restarts"),
+    F("lr_scheduler_num_cycles", "Restarts (cosine with restarts)", "Learning", "int", 3, 1, 100),
+    F("lr_warmup_steps", "Warmup (fraction of steps below 1, else steps)", "Learning", "number", 0.05, 0, 100000),
+    F("min_snr_gamma", "Min-SNR gamma (0 = off)", "Learning", "number", 5.0, 0, 100, zero_is_none=True),
+    F("noise_offset", "Noise offset (0 = off)", "Learning", "number", 0.0, 0, 1, zero_is_none=True),
+    F("max_grad_norm", "Max gradient norm (0 = off)", "Learning", "number", 1.0, 0, 100),
+    F("optimizer_args", "Optimizer options (k=v, space separated)", "Learning", "text", ""),
+    # Structure
+    F("network_dim", "Network rank (dim)", "Structure", "int", 16, 1, 1024),
+    F("network_alpha", "Network alpha", "Structure", "number", 8.0, 0, 1024),
+    F("conv_dim", "Conv rank (LoCon, 0 = off)", "Structure", "int", 0, 0, 1024),
+    F("conv_alpha", "Conv alpha", "Structure", "number", 1.0, 0, 1024),
+    F("network_dropout", "Dropout (0 = off)", "Structure", "number", 0.0, 0, 1, zero_is_none=True),
+    F("network_weights", "Start from LoRA file (optional)", "Structure", "text", ""),
+    # Processing
+    F("resolution", "Resolution (W or W,H)", "Processing", "text", "512"),
+    F("enable_bucket", "Aspect-ratio buckets", "Processing", "checkbox", True),
+    F("min_bucket_reso", "Smallest bucket side", "Processing", "int", 256, 64, 4096),
+    F("max_bucket_reso", "Largest bucket side", "Processing", "int", 1024, 64, 4096),
+    F("bucket_no_upscale", "Never upscale into a bucket", "Processing", "checkbox", False),
+    F("cache_latents", "Cache latents (VAE leaves the GPU)", "Processing", "checkbox", True),
+    F("flip_aug", "Random flips", "Processing", "checkbox", False),
+    F("shuffle_caption", "Shuffle tags", "Processing", "checkbox", True),
+    F("keep_tokens", "Keep first N tags in place", "Processing", "int", 1, 0, 100),
+    F("caption_dropout_rate", "Caption dropout", "Processing", "number", 0.0, 0, 1),
+    F("caption_tag_dropout_rate", "Tag dropout", "Processing", "number", 0.0, 0, 1),
+    F("clip_skip", "Clip skip (1 = last layer; 2 for anime models)", "Processing", "int", 1, 1, 12),
+    F("max_token_length", "Caption tokens", "Processing", "dropdown", 75),
+    # Samples
+    F("sample_every_n_epochs", "Preview every N epochs (0 = off)", "Samples", "int", 0, 0, 1000, zero_is_none=True),
+    F("sample_prompts", "Preview prompts (one per line)", "Samples", "textarea", ""),
+    F("sample_sampler", "Preview sampler", "Samples", "dropdown", "euler_a"),
+    # Advanced
+    F("mixed_precision", "Mixed precision", "Advanced", "dropdown", "fp16"),
+    F("gradient_checkpointing", "Gradient checkpointing (less memory, slower)", "Advanced", "checkbox", False),
+    F("save_precision", "Save precision", "Advanced", "dropdown", "fp16"),
+    F("validation_split", "Validation split", "Advanced", "number", 0.0, 0, 0.5),
+    F("training_comment", "Comment in the LoRA metadata", "Advanced", "text", ""),
+)
+BY_NAME: dict[str, UiField] = {f.name: f for f in FIELDS}
+
+
+def config_info(name: str) -> dict[str, Any]:
+    """help / choices / default of a TrainConfig field, or {} for tab-only fields."""
+    if name in PSEUDO:
+        return {}
+    from ..train.config import field_info
+
+    return field_info(name)
+
+
+def choices(f: UiField) -> list:
+    found = config_info(f.name).get("choices") or ()
+    return list(found)
+
+
+def defaults() -> dict[str, Any]:
+    """The tab's values for a fresh project (the first-LoRA defaults)."""
+    return {f.name: f.default for f in FIELDS}
+
+
+def _coerce_widget(f: UiField, value: Any) -> Any:
+    if f.widget == "checkbox":
+        return bool(value)
+    if f.widget in ("int", "number"):
+        if value is None or value == "":
+            return None if f.zero_is_none else f.default
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise BadInput(f"{f.label}: {value!r} is not a number") from None
+        if number != number:  # NaN
+            raise BadInput(f"{f.label}: not a number")
+        if f.minimum is not None and number < f.minimum or f.maximum is not None and number > f.maximum:
+            raise BadInput(f"{f.label} must be between {f.minimum:g} and {f.maximum:g}, not {number:g}")
+        if f.widget == "int":
+            if number != int(number):
+                raise BadInput(f"{f.label} must be a whole number, not {number:g}")
+            number = int(number)
+        if f.zero_is_none and number == 0:
+            return None
+        return number
+    return "" if value is None else value
+
+
+def to_config_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Widget values by field name -> TrainConfig keyword values. Raises BadInput naming the first bad field."""
+    out: dict[str, Any] = {}
+    for name, raw in values.items():
+        f = BY_NAME.get(name)
+        if f is None:
+            raise BadInput(f"unknown setting {name!r}")
+        out[name] = _coerce_widget(f, raw)
+    if out.get("seed") == -1:
+        out["seed"] = None
+    if "optimizer_args" in out:
+        out["optimizer_args"] = tuple(str(out["optimizer_args"] or "").split())
+    if "sample_prompts" in out:
+        out["sample_prompts"] = tuple(ln.strip() for ln in str(out["sample_prompts"] or "").splitlines() if ln.strip())
+    if out.get("text_encoder_lr") == 0:
+        out["network_train_unet_only"] = True
+    conv_dim = out.pop("conv_dim", None)
+    conv_alpha = out.pop("conv_alpha", None)
+    if conv_dim:
+        out["network_args"] = (f"conv_dim={int(conv_dim)}", f"conv_alpha={conv_alpha if conv_alpha is not None else 1}")
+    if out.get("max_token_length") in ("", None):
+        out["max_token_length"] = None
+    elif "max_token_length" in out:
+        out["max_token_length"] = int(out["max_token_length"])
+    return out
+
+
+def from_config(cfg) -> dict[str, Any]:
+    """A TrainConfig -> widget values by field name (the inverse of `to_config_values` for the tab's fields)."""
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.name in PSEUDO:
+            continue
+        v = getattr(cfg, f.name)
+        if v is None:
+            v = 0 if f.zero_is_none else (-1 if f.name == "seed" else f.default)
+        if f.name == "optimizer_args":
+            v = " ".join(v)
+        elif f.name == "sample_prompts":
+            v = "\n".join(v) if isinstance(v, tuple) else str(v)
+        elif f.name == "text_encoder_lr" and cfg.network_train_unet_only:
+            v = 0.0
+        values[f.name] = v
+    args = dict(a.split("=", 1) for a in cfg.network_args if "=" in a)
+    values["conv_dim"] = int(float(args.get("conv_dim", 0)))
+    values["conv_alpha"] = float(args.get("conv_alpha", 1))
+    return values
+
+
+def build_config(values: Mapping[str, Any], fixed: Mapping[str, Any]):
+    """TrainConfig from widget values plus the host's fixed facts (model, folders, output name)."""
+    from ..train.config import TrainConfig
+    from ..train.config_io import from_dict
+
+    merged = {**to_config_values(values), **fixed}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise BadInput(f"unknown settings: {', '.join(unknown)}")
+    try:
+        return from_dict(merged)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(str(exc)) from None

@@ -1,0 +1,95 @@
+"""Runs one queued job: the engine's event stream, translated into the job's fields and the host's progress.
+
+The host gives exclusive use of its model (`training_session`, which yields a Backend and restores everything on
+exit, even on failure or interrupt); the engine yields events; here each event updates the job the tab and the
+API read, saved epochs get their card sidecar and the host's loader check, and a pause releases the model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import IncompatibleFile, TrainingFailed
+from .jobs import PAUSED, RUNNING, Job
+
+
+def build_dataset(cfg):
+    from ..dataset import Dataset, DatasetOptions
+
+    return Dataset.build(DatasetOptions.from_config(cfg))
+
+
+def write_card(path: Path, job: Job, sd_version: str) -> None:
+    """The Lora card's `<stem>.json` with the project's activation tag and preferred weight (the engine writes one
+    with the concept names; the tag chosen in the Tags tab wins)."""
+    import json
+
+    from ..network import write_sidecar
+
+    sidecar = path.with_suffix(".json")
+    meta = job.meta or {}
+    activation = str(meta.get("activation_tag") or "")
+    if not activation and sidecar.is_file():
+        try:
+            activation = json.loads(sidecar.read_text(encoding="utf-8")).get("activation text", "")
+        except ValueError:
+            activation = ""
+    weight = float(meta.get("preferred_weight") or 0.0)
+    write_sidecar(path, activation, weight, sd_version, f"LoRA Train project {job.project}, epoch file {path.name}")
+
+
+def make_runner(host):
+    """The JobQueue runner for `host`."""
+
+    def run(job: Job) -> None:
+        from ..train import events as ev
+        from ..train.loop import train  # the engine's loop
+
+        host.check_can_train()
+        info = host.model_info()
+        with host.training_session(job) as backend:
+            dataset = build_dataset(job.config)
+            stream = train(job.config, backend, dataset, job.control)
+            for event in stream:
+                if isinstance(event, ev.Started):
+                    job.total_steps, job.epochs = event.total_steps, event.epochs
+                    job.step = event.start_step
+                elif isinstance(event, ev.StepEnd):
+                    job.step, job.total_steps, job.epoch = event.step, event.total_steps, event.epoch
+                    job.loss, job.it_per_s, job.eta_s = event.loss, event.its, event.eta_s
+                    job.losses.append((event.step, event.loss))
+                elif isinstance(event, ev.EpochEnd):
+                    job.epoch = event.epoch
+                elif isinstance(event, ev.Saved) and event.kind == "lora":
+                    path = Path(event.path)
+                    write_card(path, job, info.sd_version)
+                    job.files.append(str(path))
+                    try:
+                        job.checks.append(host.check_saved_lora(path))
+                    except IncompatibleFile as exc:
+                        job.checks.append(f"MISMATCH: {exc}")
+                        raise
+                    host.refresh_loras()
+                elif isinstance(event, ev.Sample):
+                    job.samples.extend(event.paths)
+                elif isinstance(event, ev.Note):
+                    job.message = event.message
+                elif isinstance(event, ev.Paused):
+                    job.status, job.message = PAUSED, f"paused at step {event.step}"
+                    host.report(job)
+                    with host.pause_gate(job):
+                        job.control.wait_while_paused()
+                    job.status, job.message = RUNNING, ""
+                elif isinstance(event, ev.Interrupted):
+                    job.message = f"interrupted at step {event.step}; saved epochs are kept"
+                elif isinstance(event, ev.Failed):
+                    raise TrainingFailed(event.message)
+                elif isinstance(event, ev.Done):
+                    job.message = event.message or f"done: {len(event.files)} epoch files"
+                host.report(job)
+        host.refresh_loras()
+        job.eta_s = 0.0
+        job.finished = time.time()
+
+    return run

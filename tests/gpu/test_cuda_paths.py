@@ -1,0 +1,86 @@
+"""CUDA-only paths: fused AdamW, AdamW8bit (bitsandbytes), fp16 mixed precision with the grad scaler on fp16 base
+weights, bf16, and the webui's own (ldm) model in fp16 on the GPU. Skipped where there is no CUDA (CI); run them on
+a GPU machine: `python -m pytest -q tests/gpu`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from tests.fixtures.images import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("gpu-data") / "img", {"mychar": 2}, per_concept=4)
+
+
+def _lora_changed(path) -> float:
+    from lib_lora.network import load_lora
+
+    tensors, _ = load_lora(path)
+    ups = [t.float() for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    return max(t.abs().max().item() for t in ups)
+
+
+@pytest.mark.parametrize(
+    "optimizer, precision",
+    [("AdamW", "fp16"), ("AdamW", "bf16"), ("AdamW8bit", "fp16"), ("Prodigy", "bf16"), ("Lion", "no")],
+)
+def test_cli_trains_on_cuda(tmp_path, sd1_diffusers_dir, data_dir, capsys, optimizer, precision):
+    pytest.importorskip("diffusers")
+    if optimizer == "AdamW8bit":
+        pytest.importorskip("bitsandbytes")
+    from lib_lora.cli import main
+
+    lr = "1.0" if optimizer == "Prodigy" else "1e-3"
+    code = main(["train", "--pretrained_model_name_or_path", str(sd1_diffusers_dir), "--train_data_dir", str(data_dir),
+                 "--output_dir", str(tmp_path), "--output_name", "gpu", "--resolution", "64", "--network_dim", "4",
+                 "--network_alpha", "4", "--train_batch_size", "2", "--max_train_epochs", "2", "--seed", "1",
+                 "--optimizer_type", optimizer, "--learning_rate", lr, "--mixed_precision", precision,
+                 "--cache_latents", "--gradient_checkpointing", "--save_every_n_epochs", "1"])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    files = sorted(p.name for p in tmp_path.glob("gpu-*.safetensors"))
+    assert files == ["gpu-01.safetensors", "gpu-02.safetensors"]
+    assert _lora_changed(tmp_path / "gpu-02.safetensors") > 0  # the up weights left zero: it trained
+
+
+def test_fused_adamw_is_used_on_cuda():
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.train.optim import build_optimizer
+
+    param = torch.nn.Parameter(torch.zeros(4, device="cuda"))
+    setup = build_optimizer(TrainConfig(optimizer_type="AdamW"), [{"params": [param], "lr": 1e-3}], total_steps=10)
+    assert setup.optimizer.defaults.get("fused") is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ldm") is None, reason="needs the ldm package")
+def test_webui_fp16_model_on_cuda_trains_and_is_handed_back(tmp_path, data_dir):
+    """What the tab does in a CUDA webui: fp16 ldm weights on the GPU, fp32 LoRA, fp16 autocast + grad scaler."""
+    from safetensors.torch import load_file
+
+    from lib_lora.backends import LdmBackend
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.train.events import Done
+    from lib_lora.train.loop import train
+    from lib_lora.train.state import build_dataset
+    from tests.backends.checkpoints import tiny_config, write_checkpoint
+    from tests.backends.webui_models import build_sd_model
+
+    path = write_checkpoint("sd1", tmp_path / "ckpt", parameterization="eps")
+    model = build_sd_model("sd1", load_file(str(path)), tiny_config("sd1", "eps")).half().cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(train_data_dir=str(data_dir), output_dir=str(tmp_path / "out"), output_name="webui",
+                      resolution="64", network_dim=4, network_alpha=4.0, learning_rate=1e-3, train_batch_size=2,
+                      max_train_epochs=2, seed=3, mixed_precision="fp16", cache_latents=True)
+    events = list(train(cfg, LdmBackend(model, device="cuda"), build_dataset(cfg)))
+    assert isinstance(events[-1], Done), events[-1]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert _lora_changed(tmp_path / "out" / "webui-02.safetensors") > 0

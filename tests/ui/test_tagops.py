@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+
+from lib_lora.errors import BadInput
+from lib_lora.ui import projects, tagops
+from tests.ui.conftest import make_images
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    project = projects.create_project(tmp_path, "p")
+    images = make_images(project.dataset / "10_p", 3, captions=["cat, red, outdoors", "cat, blue", "dog, red"])
+    return project, images
+
+
+def test_frequency_counts_captions_not_occurrences(dataset):
+    project, images = dataset
+    assert tagops.frequency(images)[:2] == [("cat", 2), ("red", 2)]
+
+
+def test_activation_prune_replace_then_undo_restores_bytes(dataset):
+    project, images = dataset
+    before = {p: p.with_suffix(".txt").read_bytes() for p in images}
+    caps = tagops.captions_of(images)
+    assert tagops.apply(project.dataset, tagops.plan_activation(caps, "mychar"), "activation") == 3
+    assert images[0].with_suffix(".txt").read_text().strip() == "mychar, cat, red, outdoors"
+    caps = tagops.captions_of(images)
+    tagops.apply(project.dataset, tagops.plan_prune(caps, ["red"]), "prune")
+    assert images[2].with_suffix(".txt").read_text().strip() == "mychar, dog"
+    caps = tagops.captions_of(images)
+    tagops.apply(project.dataset, tagops.plan_replace(caps, "dog", "cat"), "replace")
+    assert images[2].with_suffix(".txt").read_text().strip() == "mychar, cat"
+    assert tagops.history(project.dataset)[0].startswith("replace")
+    for _ in range(3):
+        tagops.undo(project.dataset)
+    assert {p: p.with_suffix(".txt").read_bytes() for p in images} == before
+    with pytest.raises(BadInput, match="nothing to undo"):
+        tagops.undo(project.dataset)
+
+
+def test_replace_merges_instead_of_doubling(dataset):
+    project, images = dataset
+    edits = tagops.plan_replace(tagops.captions_of(images), "blue", "cat")
+    assert edits[images[1].with_suffix(".txt")] == "cat"
+
+
+def test_bad_tag_operations_are_refused(dataset):
+    project, images = dataset
+    caps = tagops.captions_of(images)
+    with pytest.raises(BadInput):
+        tagops.plan_activation(caps, "a, b")
+    with pytest.raises(BadInput):
+        tagops.plan_prune(caps, [" ", ""])
+
+
+def test_single_caption_save_is_undoable(dataset):
+    project, images = dataset
+    assert tagops.save_caption(project.dataset, images[0], "new caption ")
+    assert images[0].with_suffix(".txt").read_text().strip() == "new caption"
+    assert not tagops.save_caption(project.dataset, images[0], "new caption")
+    tagops.undo(project.dataset)
+    assert images[0].with_suffix(".txt").read_text() == "cat, red, outdoors"

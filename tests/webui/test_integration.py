@@ -1,0 +1,308 @@
+"""Against a real webui checkout (WEBUI_DIR; see docs/webui-dev.md): the tab is there, a training runs through the
+API on the loaded model, the LoRA is listed and changes txt2img, and the model gives the same image as before.
+
+Skipped unless WEBUI_DIR is set. Each webui start takes ~25 s on 2 CPU cores; the tiny model trains in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.webui.webui_process import Webui, make_tiny_model, webui_python
+
+WEBUI_DIR = os.environ.get("WEBUI_DIR")
+pytestmark = [pytest.mark.webui, pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set")]
+
+TXT2IMG = {"prompt": "a photo of sks, red", "negative_prompt": "", "seed": 1234, "steps": 6, "width": 64,
+           "height": 64, "sampler_name": "Euler", "cfg_scale": 5}
+TRAIN = {"resolution": "64", "enable_bucket": False, "max_train_epochs": 2, "train_batch_size": 2,
+         "unet_lr": 5e-3, "text_encoder_lr": 1e-3, "network_dim": 4, "network_alpha": 4, "seed": 7,
+         "lr_warmup_steps": 0, "cache_latents": True}
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    make_tiny_model(webui_python(Path(WEBUI_DIR)), Path(WEBUI_DIR), folder)
+    return folder
+
+
+def start(tmp_path_factory, ckpt_dir, *args) -> Webui:
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), ckpt_dir, list(args))
+    try:
+        webui.wait_ready()
+    except Exception:
+        webui.stop()
+        raise
+    return webui
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory, ckpt_dir):
+    w = start(tmp_path_factory, ckpt_dir)
+    yield w
+    w.stop()
+
+
+def image_bytes(response) -> bytes:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(response["images"][0]))).convert("RGB")
+    return img.tobytes()
+
+
+def txt2img(webui, **changes) -> bytes:
+    status, body = webui.post("/sdapi/v1/txt2img", dict(TXT2IMG, **changes))
+    assert status == 200, body
+    return image_bytes(body)
+
+
+def add_images(webui, project: str, n: int = 4) -> None:
+    from tests.ui.conftest import make_images
+
+    folder = webui.data_dir / "lora-train" / project / "dataset" / f"5_{project}"
+    make_images(folder, n, captions=["sks, red", "sks, blue"])
+
+
+def wait_job(webui, job_id: str, timeout: float = 900) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        job = webui.get(f"/lora-train/v1/jobs/{job_id}")
+        if job["status"] in ("done", "failed", "interrupted"):
+            return job
+        time.sleep(1)
+    raise TimeoutError(f"job {job_id} did not finish: {job}")
+
+
+def test_tab_and_routes_are_present(webui):
+    page = webui.get("/")
+    assert "LoRA Train" in page and "lora_train_start" in page
+    assert webui.get("/lora-train/v1/projects") == []
+
+
+def test_bad_input_gets_a_4xx_with_the_message_and_starts_nothing(webui):
+    status, body = webui.post("/lora-train/v1/projects", {"name": "../evil"})
+    assert status == 400 and "project name" in body["detail"]
+    status, body = webui.post("/lora-train/v1/projects", {"name": "empty"})
+    assert status == 201
+    status, body = webui.post("/lora-train/v1/jobs", {"project": "empty", "config": {}})
+    assert status == 400 and "no images" in body["detail"]
+    add_images(webui, "empty", 2)
+    status, body = webui.post("/lora-train/v1/jobs", {"project": "empty", "config": {"network_dim": 0}})
+    assert status == 400 and "network_dim" in body["detail"]
+    assert webui.get("/lora-train/v1/jobs") == []
+
+
+def test_training_on_the_loaded_model_lists_and_applies_the_lora_and_restores_the_model(webui):
+    before = txt2img(webui)
+    assert txt2img(webui) == before  # the webui itself is deterministic for a fixed seed
+    status, _ = webui.post("/lora-train/v1/projects", {"name": "sks"})
+    assert status == 201
+    add_images(webui, "sks")
+    config = dict(TRAIN, sample_every_n_epochs=1, sample_prompts=["sks, red --w 64 --h 64 --s 4 --d 5"])
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": config})
+    assert status == 201, job
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "done", job["message"]
+    # previews rendered by the webui's sampler with the training LoRA, one per epoch
+    assert len(job["samples"]) == 2 and all(Path(p).is_file() for p in job["samples"])
+    from PIL import Image
+
+    assert Image.open(job["samples"][0]).size == (64, 64)
+    lora_dir = webui.data_dir / "models" / "Lora" / "sks"
+    assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
+    card = (lora_dir / "sks-02.json").read_text()
+    assert '"activation text": "sks"' in card and '"sd version": "SD1"' in card
+    assert len(job["checks"]) == 2 and all(c.startswith("ok") for c in job["checks"]), job["checks"]
+    assert len(job["files"]) == 2
+    names = {item["name"] for item in webui.get("/sdapi/v1/loras")}
+    assert {"sks-01", "sks-02"} <= names
+    assert txt2img(webui) == before, "the model must give the same image after training"
+    with_lora = txt2img(webui, prompt=TXT2IMG["prompt"] + " <lora:sks-02:1>")
+    assert with_lora != before, "the trained LoRA must change the image"
+    assert txt2img(webui) == before, "generation without the LoRA afterwards is unchanged"
+
+
+def test_comparison_grid_through_the_webui_xyz_script(webui):
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    status, body = webui.post("/lora-train/v1/grid", {"project": "sks", "weights": [0.5, 1], "steps": 4,
+                                                      "width": 64, "height": 64, "sampler": "Euler"})
+    assert status == 200, body
+    from PIL import Image
+
+    grid = Image.open(io.BytesIO(base64.b64decode(body["image"])))
+    assert grid.width >= 2 * 64 and grid.height >= 2 * 64
+    assert 'X Values: "sks-01, sks-02"' in body["infotext"] and "Y Type: Prompt S/R" in body["infotext"]
+
+
+def test_interrupt_keeps_finished_epochs(webui):
+    status, _ = webui.post("/lora-train/v1/projects", {"name": "stopme"})
+    add_images(webui, "stopme")
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "stopme", "config": dict(TRAIN, max_train_epochs=200)})
+    assert status == 201, job
+    end = time.time() + 300
+    while time.time() < end and not webui.get(f"/lora-train/v1/jobs/{job['id']}")["files"]:
+        time.sleep(0.5)
+    status, _ = webui.post(f"/lora-train/v1/jobs/{job['id']}/interrupt")
+    assert status == 200
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "interrupted", job["message"]
+    assert job["files"] and all(Path(f).exists() for f in job["files"])
+
+
+@pytest.mark.slow
+def test_medvram_trains_and_puts_everything_back(tmp_path_factory, ckpt_dir):
+    webui = start(tmp_path_factory, ckpt_dir, "--medvram")
+    try:
+        before = txt2img(webui)
+        webui.post("/lora-train/v1/projects", {"name": "med"})
+        add_images(webui, "med")
+        status, job = webui.post("/lora-train/v1/jobs", {"project": "med", "config": dict(TRAIN, max_train_epochs=1)})
+        assert status == 201, job
+        job = wait_job(webui, job["id"])
+        assert job["status"] == "done", job["message"]
+        assert txt2img(webui) == before
+    finally:
+        webui.stop()
+
+
+@pytest.mark.slow
+def test_lowvram_says_why_it_cannot_train(tmp_path_factory, ckpt_dir):
+    webui = start(tmp_path_factory, ckpt_dir, "--lowvram")
+    try:
+        webui.post("/lora-train/v1/projects", {"name": "low"})
+        add_images(webui, "low", 2)
+        status, body = webui.post("/lora-train/v1/jobs", {"project": "low", "config": {}})
+        assert status == 400 and "--lowvram" in body["detail"]
+    finally:
+        webui.stop()
+
+
+def test_a_lora_baked_in_by_an_earlier_generation_is_removed_before_training(webui):
+    """The built-in Lora adds the last prompt's LoRA into the weights and keeps it there; training must start from
+    the clean checkpoint, and generation afterwards must match the clean model again."""
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    before = txt2img(webui)
+    baked = txt2img(webui, prompt=TXT2IMG["prompt"] + " <lora:sks-02:1>")
+    assert baked != before
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": dict(TRAIN, max_train_epochs=1)})
+    assert status == 201, job
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "done", job["message"]
+    assert txt2img(webui) == before
+
+
+def test_pause_frees_the_model_for_generation_then_training_continues(webui):
+    before = txt2img(webui)
+    webui.post("/lora-train/v1/projects", {"name": "pauser"})
+    add_images(webui, "pauser")
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "pauser", "config": dict(TRAIN, max_train_epochs=30)})
+    assert status == 201, job
+    end = time.time() + 300
+    while time.time() < end and webui.get(f"/lora-train/v1/jobs/{job['id']}")["step"] < 2:
+        time.sleep(0.2)
+    assert webui.post(f"/lora-train/v1/jobs/{job['id']}/pause")[0] == 200
+    while time.time() < end and webui.get(f"/lora-train/v1/jobs/{job['id']}")["status"] != "paused":
+        time.sleep(0.2)
+    paused_at = webui.get(f"/lora-train/v1/jobs/{job['id']}")["step"]
+    assert txt2img(webui) == before, "while paused the webui generates with the clean model"
+    assert webui.get(f"/lora-train/v1/jobs/{job['id']}")["step"] == paused_at
+    assert webui.post(f"/lora-train/v1/jobs/{job['id']}/resume")[0] == 200
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "done", job["message"]
+    assert job["step"] == job["total_steps"] > paused_at
+    assert txt2img(webui) == before
+
+
+def test_a_generation_in_progress_refuses_a_new_training(webui):
+    import threading
+
+    webui.post("/lora-train/v1/projects", {"name": "busy"})
+    add_images(webui, "busy", 2)
+    slow = threading.Thread(target=txt2img, kwargs={"webui": webui, "steps": 150, "width": 128, "height": 128})
+    slow.start()
+    try:
+        end = time.time() + 30
+        while time.time() < end and not webui.get("/sdapi/v1/progress")["state"]["job"]:
+            time.sleep(0.05)
+        status, body = webui.post("/lora-train/v1/jobs", {"project": "busy", "config": {}})
+        assert status == 409 and "generation is in progress" in body["detail"]
+    finally:
+        slow.join()
+
+
+def test_merge_into_a_new_checkpoint_listed_without_restart(webui):
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    title = next(m["title"] for m in webui.get("/sdapi/v1/sd-models") if m["model_name"] == "tiny-sd1")
+    status, body = webui.post("/lora-train/v1/merge", {"checkpoint": title, "name": "tiny-sks",
+                                                       "loras": [{"name": "sks-02", "weight": 1.0}]})
+    assert status == 200, body
+    assert Path(body["path"]).is_file() and Path(body["path"]).with_suffix(".yaml").is_file()
+    assert "tiny-sks" in {m["model_name"] for m in webui.get("/sdapi/v1/sd-models")}
+    status, body = webui.post("/lora-train/v1/merge", {"checkpoint": title, "name": "tiny-sks",
+                                                       "loras": [{"name": "sks-02", "weight": 1.0}]})
+    assert status == 409 and "already exists" in body["detail"]
+
+
+@pytest.mark.browser
+def test_tab_in_the_webui_page_runs_the_grid_and_sends_it_to_txt2img(webui):
+    """In a real browser: the LoRA Train tab, the Test sub-tab's grid through X/Y/Z, and Send to txt2img."""
+    pytest.importorskip("playwright")
+    from tests.ui.test_browser import CHROMIUM, FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    if not (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").exists():
+        pytest.skip("needs the training test's files")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(webui.url)
+        page.locator("#tabs > .tab-nav button", has_text="LoRA Train").click(timeout=120000)
+        page.click("#lora_train_project_refresh")  # projects made after the page loaded
+        time.sleep(2)
+        project = page.locator("#lora_train_project input")
+        project.click()
+        page.locator("#lora_train_project ul li", has_text="sks").first.click()
+        page.locator("#lora_train_tabs > .tab-nav button", has_text="Test").click()
+        page.wait_for_function("() => document.querySelector('#lora_train_test_prompt textarea').value.includes('<lora:sks-01:')")
+        page.locator("#lora_train_test_weights textarea, #lora_train_test_weights input").first.fill("0.5, 1")
+        for elem, value in (("width", "64"), ("height", "64"), ("steps", "4")):
+            page.locator(f"#lora_train_test_{elem} input").fill(value)
+        page.click("#lora_train_test_run")
+        page.wait_for_selector("#lora_train_test_grid img", timeout=300000)
+        assert "Y Values" in page.locator("#lora_train_test_infotext textarea").input_value()
+        page.click("#lora_train_test_send")
+        page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value.includes('<lora:sks-01:0.5>')")
+        assert page.locator("#txt2img_script_container #script_list input").first.input_value() == "X/Y/Z plot"
+        x_values = page.locator("#script_txt2img_xyz_plot_x_values textarea, #script_txt2img_xyz_plot_x_values input")
+        assert x_values.first.input_value() == "sks-01, sks-02"
+        browser.close()
+
+
+@pytest.mark.slow
+def test_no_model_loaded_says_so(tmp_path_factory, ckpt_dir):
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), ckpt_dir, ["--skip-load-model-at-start"])
+    try:
+        end = time.time() + 240
+        while "Startup time:" not in webui.log_path.read_text(errors="replace"):
+            assert time.time() < end and webui.proc.poll() is None, webui.log_path.read_text()[-2000:]
+            time.sleep(1)
+        webui.post("/lora-train/v1/projects", {"name": "nomodel"})
+        add_images(webui, "nomodel", 2)
+        status, body = webui.post("/lora-train/v1/jobs", {"project": "nomodel", "config": {}})
+        assert status == 400 and "no model is loaded" in body["detail"]
+        assert webui.get("/lora-train/v1/jobs") == []
+    finally:
+        webui.stop()
