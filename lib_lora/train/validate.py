@@ -69,8 +69,9 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
     if need_model_path:
         if not model:
             add("pretrained_model_name_or_path", "is not set")
-        elif not Path(model).exists() and (Path(model).suffix or "\\" in model or model.count("/") != 1):
-            add("pretrained_model_name_or_path", f"{model} does not exist")
+        elif not Path(model).exists():
+            add("pretrained_model_name_or_path", f"{model} does not exist (a diffusers folder or a .safetensors / .ckpt "
+                "file; nothing is downloaded)")
     if cfg.v2 and cfg.sdxl:
         add("sdxl", "v2 and sdxl are both set; a model is one or the other")
     if cfg.v_parameterization and not (cfg.v2 or cfg.sdxl):
