@@ -38,7 +38,8 @@ class TrainConfig:
     """One training run. Change it with `dataclasses.replace`; read/write it with `config_io`."""
 
     # -- model
-    pretrained_model_name_or_path: str = _f("", "base model: a diffusers folder or a .safetensors / .ckpt file (with a same-name .yaml when needed)", "model")
+    pretrained_model_name_or_path: str = _f(
+        "", "base model: a diffusers folder or a .safetensors / .ckpt file (with a same-name .yaml when needed)", "model")
     v2: bool = _f(False, "the base model is SD 2.x", "model")
     v_parameterization: bool = _f(False, "the base model predicts v (SD 2.x 768-v); loss uses the v target", "model")
     sdxl: bool = _f(False, "the base model is SDXL", "model")
