@@ -73,6 +73,7 @@ def test_webui_fp16_model_on_cuda_trains_and_is_handed_back(tmp_path, data_dir):
     from tests.backends.checkpoints import tiny_config, write_checkpoint
     from tests.backends.webui_models import build_sd_model
 
+    (tmp_path / "ckpt").mkdir()
     path = write_checkpoint("sd1", tmp_path / "ckpt", parameterization="eps")
     model = build_sd_model("sd1", load_file(str(path)), tiny_config("sd1", "eps")).half().cuda()
     before = {k: v.clone() for k, v in model.state_dict().items()}
