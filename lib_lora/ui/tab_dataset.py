@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import gradio as gr
 
 from ..captions import caption_path, read_caption
@@ -22,45 +24,94 @@ def gallery_items(project, limit: int = 200) -> list[tuple[str, str]]:
     return items
 
 
-def check_report(project, resolution: str = "512") -> str:
+# What to do about a finding in the tab (the engine's hints name CLI commands); codes not here keep the engine's.
+TAB_FIXES = {
+    "missing_caption": "Tags > Tag images (mode skip), or click the image in Tags and write its caption; "
+                       "without one the concept name is the caption",
+    "empty_caption": "Tags > Tag images with mode skip, or write them in Tags",
+    "activation_missing": "Tags > Apply activation tag puts it first in every caption",
+    "activation_not_first": "Tags > Apply activation tag moves it first (Keep first N tags relies on that)",
+    "interrupted_move": "Find duplicates > Move duplicates aside finishes it",
+    "tokens_over_75": "shorten them, or set Processing > Caption tokens to 150 (or 225)",
+    "tokens_over_150": "shorten them, or set Processing > Caption tokens to 225",
+    "too_small": "use larger originals; small images are upscaled and come out soft",
+    "no_images": "Import a folder of images",
+}
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
+SHOWN_PER_CHECK = 6
+
+
+def check_report(project, settings: dict | None = None) -> str:
     """Markdown report: the image check (unreadable, too small, grayscale, missing or empty captions, activation tag
-    missing, captions over 75 tokens, folder layout), then what training would see (counts and buckets)."""
+    missing, captions over 75 tokens, folder layout), one entry per kind of problem with its files and what to do
+    in the tab, then what training would see (counts and buckets) with the project's saved Train settings
+    (`settings`: TrainConfig values; resolution and buckets matter here)."""
     from ..dataset import Dataset, DatasetOptions
     from ..tagging.check import CHECKS, check_dataset
 
     if not project.images():
         raise BadInput(f"project {project.name!r} has no images yet: import a folder first")
     report = check_dataset(project.dataset, min_side=256, activation=project.meta.activation_tag or None)
-    lines = [f"**{report.images} images** in {len(report.concepts)} concept folder(s): "
-             f"{report.errors} error(s), {report.warnings} warning(s)", ""]
+    verdict = "nothing to fix" if not report.findings else f"{report.errors} error(s), {report.warnings} warning(s)"
+    lines = [f"**{report.images} images** in {len(report.concepts)} concept folder(s): {verdict}", ""]
+    by_code: dict[str, list] = {}
     for f in report.findings:
-        severity, title, fix = CHECKS[f.code]
-        lines.append(f"- **{severity}** {title}: `{f.path}` {f.detail}" + (f" ({fix})" if fix else ""))
+        by_code.setdefault(f.code, []).append(f)
+    for code, found in by_code.items():
+        severity, title, fix = CHECKS[code]
+        fix = TAB_FIXES.get(code, fix)
+        shown = [f"`{f.path}`" + (f" {_OBJECT_REPR.sub('', f.detail).strip()}" if f.detail else "")
+                 for f in found[:SHOWN_PER_CHECK]]
+        more = f", and {len(found) - SHOWN_PER_CHECK} more" if len(found) > SHOWN_PER_CHECK else ""
+        lines.append(f"- **{severity}** {title} ({len(found)}): " + "; ".join(shown) + more
+                     + (f"  \n  _what to do:_ {fix}" if fix else ""))
+    settings = dict(settings or {"resolution": "512", "enable_bucket": True})
+    settings["train_data_dir"] = str(project.dataset)
+    buckets = "with aspect-ratio buckets" if settings.get("enable_bucket") else "without buckets"
     try:
-        dataset = Dataset.build(DatasetOptions.from_config(
-            {"train_data_dir": str(project.dataset), "resolution": resolution, "enable_bucket": True}))
-        lines += ["", "What training will use:"] + [f"- {line}" for line in dataset.summary_lines()]
+        dataset = Dataset.build(DatasetOptions.from_config(settings))
+        lines += ["", f"What training will use (resolution {settings.get('resolution')}, {buckets}; "
+                      "from the Train settings last used):"]
+        aside = str(project.dataset / "_duplicates")  # where Move duplicates aside puts them: not a concept folder
+        lines += [f"- {line}" for line in dataset.summary_lines() if aside not in line]
     except BadInput as exc:
         lines += ["", f"- **error** training cannot use this dataset: {exc}"]
     return "\n".join(lines)
 
 
-def duplicates_report(project) -> str:
+def duplicates_report(project, result=None) -> str:
     from ..tagging.dedupe import find_duplicates
 
-    result = find_duplicates(project.dataset)
+    result = result or find_duplicates(project.dataset)
     if not result.groups:
         return f"No near-duplicates among {result.scanned} images."
-    lines = [f"{len(result.groups)} group(s) of near-duplicates among {result.scanned} images (first = kept):"]
+    lines = [f"{len(result.groups)} group(s) of near-duplicates among {result.scanned} images (the first of each "
+             "group is kept; Move duplicates aside puts the others, with their captions, in dataset/_duplicates/, "
+             "where training does not look):"]
     for group in result.groups:
-        lines.append("- " + ", ".join(str(p.relative_to(project.dataset)) for p in group.members))
+        lines.append("- " + ", ".join(f"`{p.relative_to(project.dataset)}`" for p in group.members))
     return "\n".join(lines)
+
+
+def move_duplicates(project) -> str:
+    """Move every duplicate but the kept one of each group (with its caption) into dataset/_duplicates/."""
+    from ..tagging.dedupe import find_duplicates, finish_interrupted_moves, move_duplicates as move
+
+    finished = finish_interrupted_moves(project.dataset)
+    result = find_duplicates(project.dataset)
+    moves = move(project.dataset, result.groups) if result.groups else []
+    images = sum(1 for m in moves if not m.copy and m.source.suffix.lower() != ".txt")
+    if not moves and not finished:
+        return f"no near-duplicates among {result.scanned} images: nothing moved"
+    return (f"moved {images} duplicate image(s) with their captions to {project.dataset / '_duplicates'}"
+            + (f" (and finished an interrupted move of {finished} file(s))" if finished else ""))
 
 
 def build(ctx) -> None:
     """Widgets of the Dataset sub-tab; `ctx` is the Tab holding the shared project selector and message line."""
     with gr.Row():
-        source = gr.Textbox(label="Folder to import (images and same-named .txt captions are copied)", scale=4,
+        source = gr.Textbox(label="Folder to import (images and same-named .txt captions are copied into the "
+                            "concept folder below, else the first one; nothing is overwritten)", scale=4,
                             elem_id="lora_train_import_source")
         import_btn = gr.Button("Import", elem_id="lora_train_import")
     with gr.Row():
@@ -68,14 +119,17 @@ def build(ctx) -> None:
                                 label="Concept folders (repeats = the number in the folder name)", interactive=False,
                                 elem_id="lora_train_concepts")
         with gr.Column():
-            concept = gr.Textbox(label="Concept folder", elem_id="lora_train_concept_folder")
+            concept = gr.Textbox(label="Concept folder (click one in the table; for Import: the folder images go to, "
+                                 "a new N_name makes a new concept)", elem_id="lora_train_concept_folder")
             repeats = gr.Number(label="Repeats", value=10, precision=0, elem_id="lora_train_repeats")
             repeats_btn = gr.Button("Set repeats")
     with gr.Row():
         check_btn = gr.Button("Check images", elem_id="lora_train_check")
         dupes_btn = gr.Button("Find duplicates", elem_id="lora_train_dupes")
+        move_btn = gr.Button("Move duplicates aside", elem_id="lora_train_dupes_move")
     report = gr.Markdown(elem_id="lora_train_report")
-    gallery = gr.Gallery(label="Images and captions", columns=6, height=360, elem_id="lora_train_dataset_gallery")
+    gallery = gr.Gallery(label="Images and captions", columns=6, height=360,
+                         elem_id="lora_train_dataset_gallery")
 
     def refresh(project_name):
         project = ctx.project(project_name)
@@ -98,10 +152,41 @@ def build(ctx) -> None:
         return {**refresh(project_name), concept_box: target.name, ctx.msg: message(f"renamed to {target.name}", "ok")}
 
     concept_box = concept
+
+    def fill_concept(project_name, evt: gr.SelectData):
+        """A click in the concept table fills the concept folder and its repeats."""
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            found = ctx.project(project_name).concepts()
+        except BadInput as exc:
+            return {ctx.msg: message(str(exc), "error")}
+        if not isinstance(row, int) or not 0 <= row < len(found):
+            return {}
+        return {concept_box: found[row].folder.name, repeats: found[row].repeats}
+
+    concepts.select(fill_concept, inputs=[ctx.selector], outputs=[concept, repeats, ctx.msg])
     renamed = on(repeats_btn.click, do_repeats, {"project_name": ctx.selector, "concept": concept, "repeats": repeats},
        [concepts, gallery, concept, ctx.msg], error_output=ctx.msg)
     ctx.refresh_after(renamed)
-    on(check_btn.click, lambda project_name: {report: check_report(ctx.project(project_name))},
-       {"project_name": ctx.selector}, [report], error_output=ctx.msg)
+    def do_check(project_name):
+        project = ctx.project(project_name)
+        from . import fields
+
+        try:
+            settings = fields.to_config_values(ctx.service.saved_values(project))
+        except BadInput:
+            settings = None  # a hand-edited project.toml the tab cannot read: the check still runs
+        return {report: check_report(project, settings)}
+
+    on(check_btn.click, do_check, {"project_name": ctx.selector}, [report], error_output=ctx.msg)
     on(dupes_btn.click, lambda project_name: {report: duplicates_report(ctx.project(project_name))},
        {"project_name": ctx.selector}, [report], error_output=ctx.msg)
+
+    def do_move(project_name):
+        project = ctx.project(project_name)
+        text = move_duplicates(project)
+        return {**refresh(project_name), report: "", ctx.msg: message(text, "ok")}
+
+    moved = on(move_btn.click, do_move, {"project_name": ctx.selector}, [concepts, gallery, report, ctx.msg],
+               error_output=ctx.msg)
+    ctx.refresh_after(moved)

@@ -13,14 +13,26 @@ from .host import MergeRequest
 from .tab_test import parse_weights
 
 
+def lora_choices(files: list[Path]) -> dict[str, Path]:
+    """{what the dropdown shows: file}: the path below the common Lora folder (`mychar/mychar-03.safetensors`),
+    not an absolute path that does not fit the box."""
+    if not files:
+        return {}
+    import os
+
+    base = Path(os.path.commonpath([str(p.parent) for p in files]))
+    return {p.relative_to(base).as_posix(): p for p in files}
+
+
 def build(ctx) -> None:
     host = ctx.host
     with gr.Row():
         checkpoint = gr.Dropdown(label="Checkpoint", choices=[], elem_id="lora_train_merge_checkpoint")
         refresh_btn = gr.Button("Refresh lists", elem_id="lora_train_merge_refresh")
-    loras = gr.Dropdown(label="LoRA files", choices=[], multiselect=True, elem_id="lora_train_merge_loras")
-    weights = gr.Textbox(label="Weights, one per LoRA (comma separated)", value="1",
-                         elem_id="lora_train_merge_weights")
+    loras = gr.Dropdown(label="LoRA files (from the Lora folder)", choices=[], multiselect=True,
+                        elem_id="lora_train_merge_loras")
+    weights = gr.Textbox(label="Weights, one per LoRA in the order chosen (comma separated; one weight = all)",
+                         value="1", elem_id="lora_train_merge_weights")
     with gr.Row():
         name = gr.Textbox(label="New checkpoint name (without extension)", elem_id="lora_train_merge_name")
         precision = gr.Dropdown(["fp16", "bf16", "fp32"], value="fp16", label="Save precision")
@@ -28,11 +40,11 @@ def build(ctx) -> None:
     result = gr.HTML(elem_id="lora_train_merge_result")
 
     def lists():
-        files = [str(p) for p in host.lora_files()]
-        return {checkpoint: gr.update(choices=host.checkpoints()), loras: gr.update(choices=files)}
+        return {checkpoint: gr.update(choices=host.checkpoints()),
+                loras: gr.update(choices=list(lora_choices(host.lora_files())))}
 
     on(refresh_btn.click, lists, {}, [checkpoint, loras], error_output=ctx.msg)
-    ctx.on_project_change(lambda project_name: lists(), [checkpoint, loras])
+    ctx.on_project_change(lambda project_name: lists(), [checkpoint, loras], needs_project=False)
 
     def do_merge(checkpoint, loras, weights, name, precision):
         if not checkpoint:
@@ -44,11 +56,12 @@ def build(ctx) -> None:
             w = w * len(loras)
         if len(w) != len(loras):
             raise BadInput(f"{len(loras)} LoRA files but {len(w)} weights")
-        known = {str(p) for p in host.lora_files()}
-        for f in loras:
-            if f not in known:
-                raise BadInput(f"{Path(f).name} is not a known LoRA file")
-        request = MergeRequest(checkpoint, tuple(zip(loras, w)), check_name(name, "checkpoint name"), precision)
+        known = lora_choices(host.lora_files())
+        missing = [f for f in loras if f not in known]
+        if missing:
+            raise BadInput(f"{missing[0]} is not in the Lora folder any more: press Refresh lists")
+        request = MergeRequest(checkpoint, tuple((str(known[f]), x) for f, x in zip(loras, w)),
+                               check_name(name, "checkpoint name"), precision)
         path = host.merge(request)
         return {result: message(f"saved {path}; it is in the checkpoint list now", "ok"), **lists()}
 

@@ -10,22 +10,33 @@ from . import tagops
 from .common import message, on
 
 
-def load_tagger(kind: str, threshold: float):
-    """WD14 (onnxruntime) or BLIP (torch); the model files are found or fetched by lib_lora.tagging.models."""
+def load_tagger(kind: str, threshold: float, model_dir: str = "", models_folder=None):
+    """WD14 (onnxruntime) or BLIP (torch): from `model_dir` when given (a model downloaded before), else from the
+    host's models folder, downloaded there once."""
     from ..tagging import models
 
-    if kind.lower() == "wd14":
-        from ..tagging.wd14 import Wd14Tagger
+    model_dir = str(model_dir or "").strip() or None
+    try:
+        if kind.lower() == "wd14":
+            from ..tagging.wd14 import Wd14Tagger
 
-        return Wd14Tagger(models.locate_wd14(models.DEFAULT_WD14_REPO, None, None), float(threshold))
-    if kind.lower() == "blip":
-        from ..tagging.blip import BlipCaptioner
+            return Wd14Tagger(models.locate_wd14(models.DEFAULT_WD14_REPO, model_dir, models_folder), float(threshold))
+        if kind.lower() == "blip":
+            from ..tagging.blip import BlipCaptioner
 
-        return BlipCaptioner(models.locate_blip(models.DEFAULT_BLIP_REPO, None, None))
+            return BlipCaptioner(models.locate_blip(models.DEFAULT_BLIP_REPO, model_dir, models_folder))
+    except BadInput as exc:
+        if model_dir or "cannot download" not in str(exc):
+            raise
+        repo = models.DEFAULT_WD14_REPO if kind.lower() == "wd14" else models.DEFAULT_BLIP_REPO
+        target = models.repo_folder(models_folder or models.default_models_folder(), repo)
+        raise BadInput(f"the {kind} model ({repo}) is not downloaded yet and cannot be downloaded now: "
+                       f"put its files in {target} or enter a folder holding them under 'Model folder' "
+                       f"({str(exc).split(' (')[0]})") from None
     raise BadInput(f"unknown tagger {kind!r}: choose WD14 or BLIP")
 
 
-def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progress=None) -> str:
+def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progress=None, model_dir: str = "") -> str:
     """Tag every image of the project in one undoable batch; the tagger is freed afterwards."""
     import contextlib
     import gc
@@ -38,8 +49,10 @@ def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progr
         raise BadInput("no images to tag: import a folder first")
     exclusive = host.exclusive(f"LoRA Train tagging {project.name}") if host is not None and hasattr(host, "exclusive") \
         else contextlib.nullcontext()
+    folder_of = getattr(host, "tagger_models_folder", None)
+    models_folder = folder_of() if callable(folder_of) else None
     with exclusive:
-        tagger = load_tagger(kind, threshold)
+        tagger = load_tagger(kind, threshold, model_dir, models_folder)
         try:
             result = tag_folder(project.dataset, tagger, mode=mode, recursive=True, progress=progress)
         finally:
@@ -64,25 +77,32 @@ def build(ctx) -> None:
         threshold = gr.Slider(0.05, 0.95, value=0.35, step=0.05, label="Threshold (WD14)")
         mode = gr.Radio(["append", "prepend", "overwrite", "skip"], value="append",
                         label="Existing captions (skip = leave captioned images alone)")
-        tag_btn = gr.Button("Tag images", elem_id="lora_train_tag_run")
+    with gr.Row():
+        model_dir = gr.Textbox(label="Model folder (optional: a tagger model downloaded before; empty = download "
+                               "once into the models folder)", scale=4, elem_id="lora_train_tagger_model_dir")
+        tag_btn = gr.Button("Tag images", elem_id="lora_train_tag_run", scale=1)
     with gr.Row():
         with gr.Column(scale=1):
             freq = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"], interactive=False,
-                                label="Tag frequency", elem_id="lora_train_tag_freq")
+                                label="Tag frequency (click a tag to add it to the tags to edit)",
+                                elem_id="lora_train_tag_freq")
         with gr.Column(scale=1):
             activation = gr.Textbox(label="Activation tag (put first in every caption; becomes the LoRA's trigger)",
                                     elem_id="lora_train_activation")
-            activation_btn = gr.Button("Apply activation tag")
-            prune = gr.Textbox(label="Remove tags (comma separated)", elem_id="lora_train_prune")
-            prune_btn = gr.Button("Remove")
+            activation_btn = gr.Button("Apply activation tag", elem_id="lora_train_activation_apply")
+            chosen = gr.Textbox(label="Tags to edit (comma separated)", elem_id="lora_train_edit_tags")
             with gr.Row():
-                old = gr.Textbox(label="Replace tag", elem_id="lora_train_replace_old")
-                new = gr.Textbox(label="with (empty = remove)", elem_id="lora_train_replace_new")
-            replace_btn = gr.Button("Replace")
+                prune_btn = gr.Button("Remove them", elem_id="lora_train_prune")
+            with gr.Row():
+                new = gr.Textbox(label="Replace them with (one tag; several tags are merged into it)", scale=3,
+                                 elem_id="lora_train_replace_new")
+                replace_btn = gr.Button("Replace", scale=1, elem_id="lora_train_replace")
             with gr.Row():
                 undo_btn = gr.Button("Undo last edit", elem_id="lora_train_undo")
-                hist = gr.Textbox(label="Edit history (newest first)", lines=3, interactive=False)
-    gr.Markdown("Per-image captions: click an image, edit, then Save (Ctrl+S). Alt+Left / Alt+Right move between images.")
+                hist = gr.Textbox(label="Edit history (newest first)", lines=3, interactive=False,
+                                  elem_id="lora_train_tag_history")
+    gr.Markdown("Per-image captions: click an image, edit, then Save (Ctrl+S). Alt+Left / Alt+Right move between "
+                "images. Every edit is saved at once and can be undone.")
     with gr.Row(elem_id="lora_train_caption_editor"):
         thumbs = gr.Gallery(label="Images", columns=5, height=360, elem_id="lora_train_tag_gallery")
         with gr.Column():
@@ -92,62 +112,94 @@ def build(ctx) -> None:
             save_btn = gr.Button("Save caption", elem_id="lora_train_caption_save")
             index = gr.Number(value=-1, visible=False, precision=0, elem_id="lora_train_caption_index")
 
-    def refresh(project_name):
+    def texts(project_name, image_path=""):
+        """What an edit of the captions changes: the table, the history and the open caption (re-read, so a
+        Save after an Undo or a batch edit does not write back the old text)."""
         project = ctx.project(project_name)
-        images = project.images()
-        return {
-            freq: [list(r) for r in tagops.frequency(images)] or [["", 0]],
+        out = {
+            freq: [list(r) for r in tagops.frequency(project.images())] or [["", 0]],
             activation: project.meta.activation_tag,
             hist: "\n".join(tagops.history(project.dataset)),
-            thumbs: [str(p) for p in images],
         }
+        if image_path:
+            cap = caption_path(project.dataset / image_path)
+            out[caption] = read_caption(cap) if cap.is_file() else ""
+        return out
+
+    def refresh(project_name):
+        project = ctx.project(project_name)
+        return {**texts(project_name), thumbs: [str(p) for p in project.images()]}
 
     ctx.on_project_change(refresh, [freq, activation, hist, thumbs])
+    # another project: its images, nothing of the previous project's open caption
+    ctx.on_project_change(lambda project_name: {current: None, image_path: "", caption: "", index: -1},
+                          [current, image_path, caption, index], settings=True)
+    text_outs = [freq, activation, hist, caption, ctx.msg]
 
-    def do_tag(project_name, tagger, threshold, mode, progress=None):
+    def do_tag(project_name, tagger, threshold, mode, model_dir, image_path, progress=None):
         project = ctx.project(project_name)
         report = (lambda done, total: progress((done, total), desc="tagging")) if progress is not None else None
-        result = run_tagger(project, tagger, threshold, mode, ctx.host, report)
-        return {**refresh(project_name), ctx.msg: message(result, "ok")}
+        result = run_tagger(project, tagger, threshold, mode, ctx.host, report, model_dir)
+        return {**texts(project_name, image_path), ctx.msg: message(result, "ok")}
 
-    tagged = on(tag_btn.click, do_tag, {"project_name": ctx.selector, "tagger": tagger, "threshold": threshold, "mode": mode},
-       [freq, activation, hist, thumbs, ctx.msg], error_output=ctx.msg, progress=True)
+    tagged = on(tag_btn.click, do_tag, {"project_name": ctx.selector, "tagger": tagger, "threshold": threshold,
+                "mode": mode, "model_dir": model_dir, "image_path": image_path}, text_outs, error_output=ctx.msg,
+                progress=True)
     ctx.refresh_after(tagged)
 
-    def batch(project_name, planner, label, **kw):
+    def batch(project_name, image_path, planner, label, **kw):
         project = ctx.project(project_name)
         images = project.images()
         if not images:
             raise BadInput("no images in this project yet")
         edits = planner(tagops.captions_of(images), **kw)
         n = tagops.apply(project.dataset, edits, label)
-        return project, {**refresh(project_name), ctx.msg: message(f"{label}: {n} captions changed", "ok")}
+        return project, {**texts(project_name, image_path), ctx.msg: message(f"{label}: {n} captions changed", "ok")}
 
-    def do_activation(project_name, activation):
-        project, out = batch(project_name, tagops.plan_activation, f"activation tag {activation.strip()}", tag=activation)
+    def do_activation(project_name, image_path, activation):
+        project, out = batch(project_name, image_path, tagops.plan_activation, f"activation tag {activation.strip()}",
+                             tag=activation)
         project.meta.activation_tag = activation.strip()
         project.save_meta()
         return out
 
-    outs = [freq, activation, hist, thumbs, ctx.msg]
-    on(activation_btn.click, do_activation, {"project_name": ctx.selector, "activation": activation}, outs, error_output=ctx.msg)
-    on(prune_btn.click, lambda project_name, prune: batch(project_name, tagops.plan_prune, f"remove {prune}", drop=prune.split(","))[1],
-       {"project_name": ctx.selector, "prune": prune}, outs, error_output=ctx.msg)
-    on(replace_btn.click, lambda project_name, old, new: batch(project_name, tagops.plan_replace, f"replace {old} -> {new}", old=old, new=new)[1],
-       {"project_name": ctx.selector, "old": old, "new": new}, outs, error_output=ctx.msg)
+    def do_prune(project_name, image_path, chosen):
+        return batch(project_name, image_path, tagops.plan_prune, f"remove {chosen.strip()}", drop=[chosen])[1]
 
-    def do_undo(project_name):
+    def do_replace(project_name, image_path, chosen, new):
+        if not new.strip():
+            raise BadInput("enter the tag to replace them with (Remove them deletes them)")
+        return batch(project_name, image_path, tagops.plan_replace, f"replace {chosen.strip()} -> {new.strip()}",
+                     old=chosen, new=new)[1]
+
+    base = {"project_name": ctx.selector, "image_path": image_path}
+    on(activation_btn.click, do_activation, {**base, "activation": activation}, text_outs, error_output=ctx.msg)
+    on(prune_btn.click, do_prune, {**base, "chosen": chosen}, text_outs, error_output=ctx.msg)
+    on(replace_btn.click, do_replace, {**base, "chosen": chosen, "new": new}, text_outs, error_output=ctx.msg)
+
+    def do_undo(project_name, image_path):
         project = ctx.project(project_name)
         text = tagops.undo(project.dataset)
-        return {**refresh(project_name), ctx.msg: message(text, "ok")}
+        return {**texts(project_name, image_path), ctx.msg: message(text, "ok")}
 
-    on(undo_btn.click, do_undo, {"project_name": ctx.selector}, outs, error_output=ctx.msg)
+    on(undo_btn.click, do_undo, base, text_outs, error_output=ctx.msg)
+
+    def pick_tag(chosen, evt: gr.SelectData):
+        """A click on a tag in the table adds it to the tags to edit (once); a click on a count does nothing."""
+        if not isinstance(evt.value, str) or not evt.value.strip():
+            return gr.update()
+        tags = [t.strip() for t in (chosen or "").split(",") if t.strip()]
+        if evt.value.strip() not in tags:
+            tags.append(evt.value.strip())
+        return ", ".join(tags)
+
+    freq.select(pick_tag, inputs=[chosen], outputs=[chosen])
 
     def select(project_name, evt: gr.SelectData):
         project = ctx.project(project_name)
         images = project.images()
         if not 0 <= evt.index < len(images):
-            raise BadInput("that image is no longer in the dataset")
+            raise BadInput("that image is no longer in the dataset: choose the project again to reload the list")
         image = images[evt.index]
         cap = caption_path(image)
         return {current: str(image), image_path: str(image.relative_to(project.dataset)),
@@ -169,7 +221,7 @@ def build(ctx) -> None:
 
         image = project_image(project, image_path)
         changed = tagops.save_caption(project.dataset, image, caption)
-        return {**refresh(project_name), ctx.msg: message(f"saved {image.name}" if changed else "no change", "ok")}
+        return {**texts(project_name, image_path), ctx.msg: message(f"saved {image.name}" if changed else "no change", "ok")}
 
     on(save_btn.click, do_save, {"project_name": ctx.selector, "image_path": image_path, "caption": caption},
-       outs, error_output=ctx.msg)
+       text_outs, error_output=ctx.msg)

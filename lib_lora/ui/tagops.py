@@ -6,11 +6,11 @@ Each operation is planned as pure text edits ({caption path: new text}) and writ
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from ..captions import caption_path, join_tags, read_caption, split_tags, undo_history, undo_last, write_captions
 from ..errors import BadInput
+from ..tagging import tag_ops
 
 
 def captions_of(images: list[Path]) -> dict[Path, str]:
@@ -23,46 +23,43 @@ def captions_of(images: list[Path]) -> dict[Path, str]:
 
 
 def frequency(images: list[Path]) -> list[tuple[str, int]]:
-    """(tag, number of captions holding it), most common first, then alphabetical."""
-    counts: Counter = Counter()
-    for text in captions_of(images).values():
-        counts.update(set(split_tags(text)))
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    """(tag, number of captions holding it), most common first; `long_hair`, `Long Hair` and `(long hair:1.2)`
+    count as one tag (the engine's matching, the same as the CLI's `tags --freq`)."""
+    return tag_ops.tag_frequency(split_tags(text) for text in captions_of(images).values())
 
 
-def _tags(text: str) -> list[str]:
-    return split_tags(text)
+def _edit(captions: dict[Path, str], fn) -> dict[Path, str]:
+    return {p: join_tags(list(fn(tuple(split_tags(text))))) for p, text in captions.items()}
 
 
 def plan_activation(captions: dict[Path, str], tag: str) -> dict[Path, str]:
-    """Put `tag` first in every caption (moved there if it is elsewhere)."""
+    """Put `tag` first in every caption (moved there if it is elsewhere, in any spelling)."""
     tag = tag.strip()
     if not tag or "," in tag:
         raise BadInput("the activation tag must be one tag without commas")
-    return {p: join_tags([tag] + [t for t in _tags(text) if t != tag]) for p, text in captions.items()}
+    return _edit(captions, lambda tags: tag_ops.set_activation(tags, [tag]))
 
 
 def plan_prune(captions: dict[Path, str], drop: list[str]) -> dict[Path, str]:
-    drop_set = {t.strip() for t in drop if t.strip()}
-    if not drop_set:
+    drop_list = [t.strip() for d in drop for t in d.split(",") if t.strip()]
+    if not drop_list:
         raise BadInput("name at least one tag to remove")
-    return {p: join_tags([t for t in _tags(text) if t not in drop_set]) for p, text in captions.items()}
+    return _edit(captions, lambda tags: tag_ops.prune(tags, drop_list))
 
 
-def plan_replace(captions: dict[Path, str], old: str, new: str) -> dict[Path, str]:
-    """Replace tag `old` by `new` (empty `new` removes it; a `new` already present is merged, not doubled)."""
-    old, new = old.strip(), new.strip()
-    if not old:
-        raise BadInput("name the tag to replace")
-    out = {}
-    for p, text in captions.items():
-        result: list[str] = []
-        for t in _tags(text):
-            t = new if t == old else t
-            if t and t not in result:
-                result.append(t)
-        out[p] = join_tags(result)
-    return out
+def plan_replace(captions: dict[Path, str], old: str | list[str], new: str) -> dict[Path, str]:
+    """Replace tag `old` (or several tags: a merge) by `new`, where the first of them was, keeping a weight;
+    a `new` already present is kept once, not doubled; empty `new` removes them."""
+    olds = [old] if isinstance(old, str) else list(old)
+    sources = [t.strip() for o in olds for t in o.split(",") if t.strip()]
+    new = new.strip()
+    if not sources:
+        raise BadInput("name the tag(s) to replace")
+    if not new:
+        return plan_prune(captions, sources)
+    if "," in new:
+        raise BadInput("replace them with one tag (no commas)")
+    return _edit(captions, lambda tags: tag_ops.replace(tags, sources, new))
 
 
 def apply(folder: Path, edits: dict[Path, str], label: str) -> int:

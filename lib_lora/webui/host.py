@@ -46,6 +46,12 @@ class WebuiHost:
 
         return Path(_cmd_opt("lora_dir") or os.path.join(paths_internal.models_path, "Lora"))
 
+    def tagger_models_folder(self) -> Path:
+        """Tagger models download once into the webui's models folder, where the user sees (and can delete) them."""
+        from modules import paths_internal
+
+        return Path(paths_internal.models_path) / "lora-train-taggers"
+
     def lora_output_dir(self, project: str) -> Path:
         project = check_name(project, "project name")
         subdir = (_cmd_opt("lora_train_output_subdir") or "").strip().strip("/\\")

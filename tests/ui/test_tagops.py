@@ -61,3 +61,16 @@ def test_single_caption_save_is_undoable(dataset):
     assert not tagops.save_caption(project.dataset, images[0], "new caption")
     tagops.undo(project.dataset)
     assert images[0].with_suffix(".txt").read_text() == "cat, red, outdoors"
+
+
+def test_several_tags_merge_into_one_whatever_their_spelling(tmp_path):
+    project = projects.create_project(tmp_path, "p")
+    images = make_images(project.dataset / "10_p", 2, captions=["long_hair, (red hair:1.2), smile", "Long Hair, smile"])
+    caps = tagops.captions_of(images)
+    edits = tagops.plan_replace(caps, "long hair, red hair", "hair")
+    assert list(edits.values()) == ["hair, smile", "hair, smile"]  # placed once, where the first of them was
+    assert list(tagops.plan_prune(caps, ["long hair"]).values()) == ["(red hair:1.2), smile", "smile"]
+    counts = {tag.lower().replace("_", " "): n for tag, n in tagops.frequency(images)}
+    assert counts == {"long hair": 2, "smile": 2, "red hair": 1}
+    with pytest.raises(BadInput, match="one tag"):
+        tagops.plan_replace(caps, "smile", "a, b")
