@@ -16,12 +16,14 @@
         return isFinite(v) && v > 0 ? v : NaN;
     }
 
-    // Live step count: images x repeats (from the server) x epochs / batch / accumulation, as the user types.
+    // Live step count: images x repeats (from the server) / batch / accumulation x epochs, as the user types.
+    // Same arithmetic as lib_lora.train.steps.plan_steps (without buckets): the server's answer replaces it.
     function updateSteps() {
         var line = el("lora_train_steps_line");
         var info = line && line.querySelector("[data-repeated]");
         if (!info) return;
         var repeated = parseInt(info.getAttribute("data-repeated"), 10);
+        var lhs = info.getAttribute("data-lhs") || (repeated + " images x repeats");
         var epochs = numberIn("lora_train_max_train_epochs");
         var batch = numberIn("lora_train_train_batch_size");
         var accum = numberIn("lora_train_gradient_accumulation_steps") || 1;
@@ -29,7 +31,7 @@
         var perEpoch = Math.max(1, Math.ceil(Math.ceil(repeated / batch) / accum));
         var live = line.querySelector(".lora-train-live-steps");
         if (live) {
-            live.textContent = repeated + " images x repeats / batch " + batch + (accum > 1 ? " / accumulation " + accum : "") +
+            live.textContent = lhs + " per epoch / batch " + batch + (accum > 1 ? " / accumulation " + accum : "") +
                 " = " + perEpoch + " steps per epoch x " + epochs + " epochs = " + perEpoch * epochs + " steps";
         }
     }
@@ -38,21 +40,34 @@
         if (box) updateSteps();
     });
 
+    function clickAll(ids) {
+        ids.forEach(function (id) {
+            var button = el(id);
+            if (button) button.click();
+        });
+    }
+
     // Status, loss plot and queue: refreshed every 2 s while the Train sub-tab is on screen. When a run
     // finishes, the webui's Lora cards are refreshed too (their hidden refresh buttons), so new epochs show up.
     var lastStatus = "";
+    var lastMerge = "";
     setInterval(function () {
         var status = el("lora_train_status");
         var poll = el("lora_train_poll");
         if (visible(status) && poll && !document.hidden) poll.click();
         var text = status ? status.innerText : "";
         if (text !== lastStatus && /: (done|interrupted)/.test(text)) {
-            ["txt2img_lora_extra_refresh_internal", "img2img_lora_extra_refresh_internal"].forEach(function (id) {
-                var button = el(id);
-                if (button) button.click();
-            });
+            clickAll(["txt2img_lora_extra_refresh_internal", "img2img_lora_extra_refresh_internal"]);
         }
         lastStatus = text;
+        // a merged checkpoint: the webui's checkpoint list at the top of the page (and its cards) learn of it
+        var merged = el("lora_train_merge_result");
+        var mergedText = merged ? merged.innerText : "";
+        if (mergedText !== lastMerge && /^saved /.test(mergedText)) {
+            clickAll(["refresh_sd_model_checkpoint", "txt2img_checkpoints_extra_refresh_internal",
+                      "img2img_checkpoints_extra_refresh_internal"]);
+        }
+        lastMerge = mergedText;
     }, 2000);
 
     // Caption editor keys: Ctrl+S saves, Alt+Left / Alt+Right open the previous / next image.

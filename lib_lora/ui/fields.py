@@ -70,7 +70,7 @@ FIELDS: tuple[UiField, ...] = (
     F("caption_dropout_rate", "Caption dropout", "Processing", "number", 0.0, 0, 1),
     F("caption_tag_dropout_rate", "Tag dropout", "Processing", "number", 0.0, 0, 1),
     F("clip_skip", "Clip skip (1 = last layer; 2 for anime models)", "Processing", "int", 1, 1, 12),
-    F("max_token_length", "Caption tokens", "Processing", "dropdown", 75),
+    F("max_token_length", "Caption tokens", "Processing", "dropdown", "75"),
     # Samples
     F("sample_every_n_epochs", "Preview every N epochs (0 = off)", "Samples", "int", 0, 0, 1000, zero_is_none=True),
     F("sample_prompts", "Preview prompts (one per line)", "Samples", "textarea", ""),
@@ -95,8 +95,9 @@ def config_info(name: str) -> dict[str, Any]:
 
 
 def choices(f: UiField) -> list:
+    """A dropdown's choices as strings: gradio 3.41 shows an empty box for a number value among number choices."""
     found = config_info(f.name).get("choices") or ()
-    return list(found)
+    return [c if isinstance(c, str) else str(c) for c in found]
 
 
 def defaults() -> dict[str, Any]:
@@ -166,6 +167,8 @@ def from_config(cfg) -> dict[str, Any]:
             v = 0 if f.zero_is_none else (-1 if f.name == "seed" else f.default)
         if f.name == "optimizer_args":
             v = " ".join(v)
+        elif f.name == "max_token_length":
+            v = str(v)
         elif f.name == "sample_prompts":
             v = "\n".join(v) if isinstance(v, tuple) else str(v)
         elif f.name == "text_encoder_lr" and cfg.network_train_unet_only:

@@ -86,6 +86,8 @@ class Job:
     files: list = field(default_factory=list)  # saved epoch files (str)
     checks: list = field(default_factory=list)  # one line per saved file: the loader key check
     samples: list = field(default_factory=list)  # preview image paths
+    warnings: list = field(default_factory=list)  # settings that are allowed but probably not meant
+    notes: list = field(default_factory=list)  # what the engine said along the way (phases, resume remarks)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -97,7 +99,7 @@ class Job:
             "id": self.id, "project": self.project, "status": self.status, "message": self.message,
             "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "epochs": self.epochs,
             "loss": self.loss, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "files": list(self.files),
-            "checks": list(self.checks), "samples": list(self.samples), "created": self.created,
+            "checks": list(self.checks), "samples": list(self.samples), "warnings": list(self.warnings), "notes": list(self.notes), "created": self.created,
             "started": self.started, "finished": self.finished,
         }
 

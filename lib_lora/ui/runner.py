@@ -39,6 +39,26 @@ def write_card(path: Path, job: Job, sd_version: str) -> None:
     write_sidecar(path, activation, weight, sd_version, f"LoRA Train project {job.project}, epoch file {path.name}")
 
 
+def keep_state_out_of_lora_dir(folder: Path, state_root: Path) -> Path:
+    """Move a resume-state folder the engine wrote beside the epochs (`<name>-state`, holding network.safetensors,
+    optimizer.pt, ...) into the project's `state/` folder: the webui lists every .safetensors / .pt under its Lora
+    folder, so left there it would show cards named "network", "optimizer" and "scheduler"."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir() or folder.parent == state_root:
+        return folder
+    state_root.mkdir(parents=True, exist_ok=True)
+    target = state_root / folder.name
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    shutil.move(str(folder), str(target))
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def make_runner(host):
     """The JobQueue runner for `host`."""
 
@@ -48,6 +68,7 @@ def make_runner(host):
 
         host.check_can_train()
         info = host.model_info()
+        state_root = Path(host.projects_root()) / job.project / "state"
         with host.training_session(job) as backend:
             dataset = build_dataset(job.config)
             stream = train(job.config, backend, dataset, job.control)
@@ -56,6 +77,8 @@ def make_runner(host):
                     job.total_steps, job.epochs = event.total_steps, event.epochs
                     job.step = event.start_step
                 elif isinstance(event, ev.StepEnd):
+                    if job.message and job.notes and job.message == job.notes[-1]:
+                        job.message = ""  # a phase note ("encoding every image once") is over once steps run
                     job.step, job.total_steps, job.epoch = event.step, event.total_steps, event.epoch
                     job.loss, job.it_per_s, job.eta_s = event.loss, event.its, event.eta_s
                     job.losses.append((event.step, event.loss))
@@ -71,9 +94,12 @@ def make_runner(host):
                         job.checks.append(f"MISMATCH: {exc}")
                         raise
                     host.refresh_loras()
+                elif isinstance(event, ev.Saved) and event.kind == "state":
+                    keep_state_out_of_lora_dir(Path(event.path), state_root)
                 elif isinstance(event, ev.Sample):
                     job.samples.extend(event.paths)
                 elif isinstance(event, ev.Note):
+                    job.notes.append(event.message)
                     job.message = event.message
                 elif isinstance(event, ev.Paused):
                     job.status, job.message = PAUSED, f"paused at step {event.step}"
@@ -83,10 +109,14 @@ def make_runner(host):
                     job.status, job.message = RUNNING, ""
                 elif isinstance(event, ev.Interrupted):
                     job.message = f"interrupted at step {event.step}; saved epochs are kept"
+                    keep_state_out_of_lora_dir(Path(event.state_path), state_root)
                 elif isinstance(event, ev.Failed):
                     raise TrainingFailed(event.message)
                 elif isinstance(event, ev.Done):
                     job.message = event.message or f"done: {len(event.files)} epoch files"
+                    if event.best_file and Path(event.best_file).name not in job.message:
+                        job.message += (f"; lowest validation loss: epoch {event.best_epoch} "
+                                        f"({Path(event.best_file).name})")
                 host.report(job)
         host.refresh_loras()
         job.eta_s = 0.0

@@ -7,12 +7,20 @@ checks (model, project, dataset, every setting), the same refusal messages, noth
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BadInput
 from . import fields, projects
-from .jobs import Job, JobQueue
+from .jobs import FINISHED, Job, JobQueue
+
+
+def describe_problem(problem) -> str:
+    """A validation problem named by the tab's label ('Network rank (dim): must be at least 1')."""
+    f = fields.BY_NAME.get(problem.field)
+    name = f"{f.label} ({problem.field})" if f else problem.field
+    return f"{name}: {problem.message}" if name else problem.message
 
 
 class TrainService:
@@ -23,6 +31,7 @@ class TrainService:
 
             queue = JobQueue(make_runner(host))
         self.queue = queue
+        self._start_lock = threading.Lock()
 
     # -- projects
     def root(self) -> Path:
@@ -57,6 +66,11 @@ class TrainService:
 
     def make_config(self, project: projects.Project, values: Mapping[str, Any] | None = None, config=None):
         """A validated TrainConfig from tab values (or a given config); BadInput lists every error."""
+        return self.checked_config(project, values, config)[0]
+
+    def checked_config(self, project: projects.Project, values: Mapping[str, Any] | None = None,
+                       config=None) -> tuple[Any, list[str]]:
+        """(validated TrainConfig, warnings: settings allowed but probably not meant)."""
         from ..train.validate import errors_of, validate
 
         if not project.images():
@@ -66,34 +80,64 @@ class TrainService:
             cfg = dataclasses.replace(config, **{k: v for k, v in fixed.items()})
         else:
             cfg = fields.build_config(values or {}, fixed)
-        problems = errors_of(validate(cfg, need_model_path=False))
-        if problems:
-            raise BadInput("; ".join(str(p) for p in problems))
-        return cfg
+        problems = validate(cfg, need_model_path=False)
+        errors = errors_of(problems)
+        if errors:
+            raise BadInput("; ".join(describe_problem(p) for p in errors))
+        return cfg, [describe_problem(p) for p in problems if p not in errors]
 
     def start(self, project_name: str, values: Mapping[str, Any] | None = None, config=None) -> Job:
         """Check everything, save the settings to the project, queue the job. Nothing is queued on any error."""
+        with self._start_lock:  # two clicks (or a click and an API call) must not both pass the busy check
+            return self._start(project_name, values, config)
+
+    def _start(self, project_name: str, values: Mapping[str, Any] | None, config) -> Job:
         project = self.project(project_name)
         self.host.check_can_train()
-        cfg = self.make_config(project, values, config)
+        busy = [j for j in self.queue.jobs() if j.project == project.name and j.status not in FINISHED]
+        if busy:
+            raise BadInput(f"project {project.name!r} already has a training {busy[0].status} ({busy[0].id}); "
+                           "a second run would overwrite its epoch files: wait for it or interrupt it, or copy "
+                           "the project under another name to train a variant")
+        cfg, warnings = self.checked_config(project, values, config)
         from ..train.config_io import save_toml
 
         save_toml(cfg, project.settings_file)
-        job = Job(project=project.name, config=cfg, meta=dict(project.meta.__dict__))
+        job = Job(project=project.name, config=cfg, meta=dict(project.meta.__dict__),
+                  warnings=warnings)
         return self.queue.submit(job)
 
-    def steps_line(self, project_name: str | None, values: Mapping[str, Any]) -> tuple[str, int]:
-        """('N images x repeats = M per epoch; ... = T steps', M) for the current widget values (no model needed)."""
+    def steps_line(self, project_name: str | None, values: Mapping[str, Any]) -> tuple[str, int, str]:
+        """('11 images x 5 repeats = 55 per epoch / batch 2 = 28 steps per epoch x 3 epochs = 84 steps', 55, lhs)
+        for the current widget values (no model needed). `lhs` is the images x repeats part, which the page's
+        javascript keeps while it recomputes the rest as the user types."""
         if not project_name:
-            return "choose a project to see the step count", 0
+            return "choose a project to see the step count", 0, ""
         project = self.project(project_name)
         from ..train.config import TrainConfig
         from ..train.steps import plan_from_folders
 
         conv = fields.to_config_values({k: v for k, v in values.items() if k in fields.BY_NAME})
-        keep = {k: v for k, v in conv.items() if k in ("max_train_epochs", "train_batch_size", "gradient_accumulation_steps")}
+        keep = {k: v for k, v in conv.items()
+                if k in ("max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "validation_split")}
         cfg = dataclasses.replace(TrainConfig(), train_data_dir=str(project.dataset), **keep)
         plan = plan_from_folders(cfg)
         if not plan.train_images:
-            return "no images yet: import a folder in the Dataset tab", 0
-        return plan.describe(cfg), plan.repeated_images
+            return "no images yet: import a folder in the Dataset tab", 0, ""
+        lhs = images_times_repeats(project.concepts(), plan.repeated_images)
+        accum = cfg.gradient_accumulation_steps or 1
+        text = (f"{lhs} per epoch / batch {cfg.train_batch_size}" + (f" / accumulation {accum}" if accum > 1 else "")
+                + f" = {plan.steps_per_epoch} steps per epoch x {plan.epochs} epochs = {plan.total_steps} steps")
+        return text, plan.repeated_images, lhs
+
+
+def images_times_repeats(concepts, repeated: int) -> str:
+    """'11 images x 5 repeats = 55', or '4 x 5 (5_a) + 3 x 10 (10_b) = 50' for several concept folders."""
+    used = [c for c in concepts if c.images]
+    if len(used) == 1:
+        text = f"{used[0].images} images x {used[0].repeats} repeats = {repeated}"
+    else:
+        text = " + ".join(f"{c.images} x {c.repeats} ({c.folder.name})" for c in used) + f" = {repeated}"
+    if repeated != sum(c.images * c.repeats for c in used):
+        text += " (validation images held out)"
+    return text

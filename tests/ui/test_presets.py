@@ -8,7 +8,7 @@ import pytest
 
 from lib_lora.errors import BadInput
 from lib_lora.ui import fields
-from lib_lora.ui.tab_train import import_settings, preset_names
+from lib_lora.ui.tab_train import DEFAULTS_PRESET, import_settings, preset_names
 
 
 def test_kohya_ss_json_and_sd_scripts_toml_fill_the_fields(tmp_path):
@@ -36,6 +36,6 @@ def test_a_saved_preset_loads_back_with_the_same_values(tmp_path):
 
     values = dict(fields.defaults(), network_dim=24, conv_dim=2, unet_lr=3e-4, shuffle_caption=False)
     atomic_write_text(tmp_path / "mine.toml", dump_toml(fields.build_config(values, {}), only_changed=True))
-    assert preset_names(tmp_path) == ["mine"]
+    assert preset_names(tmp_path) == [DEFAULTS_PRESET, "mine"]
     back = fields.from_config(load_toml(tmp_path / "mine.toml"))
     assert {k: back[k] for k in values if k != "sample_prompts"} == {k: v for k, v in values.items() if k != "sample_prompts"}

@@ -55,6 +55,42 @@ def test_steps_line_is_images_times_repeats_times_epochs_over_batch(service):
     root = service.root()
     projects.create_project(root, "p", repeats=5)
     make_images(root / "p" / "dataset" / "5_p", 4)
-    text, repeated = service.steps_line("p", {"max_train_epochs": 3, "train_batch_size": 2, "gradient_accumulation_steps": 1})
-    assert repeated == 20
-    assert "10 steps per epoch x 3 epochs = 30 steps" in text
+    text, repeated, lhs = service.steps_line("p", {"max_train_epochs": 3, "train_batch_size": 2,
+                                                   "gradient_accumulation_steps": 1})
+    assert repeated == 20 and lhs == "4 images x 5 repeats = 20"
+    assert text == "4 images x 5 repeats = 20 per epoch / batch 2 = 10 steps per epoch x 3 epochs = 30 steps"
+    make_images(root / "p" / "dataset" / "2_extra", 3)
+    text, repeated, _ = service.steps_line("p", {"max_train_epochs": 1, "train_batch_size": 1,
+                                                 "gradient_accumulation_steps": 2})
+    assert text == ("3 x 2 (2_extra) + 4 x 5 (5_p) = 26 per epoch / batch 1 / accumulation 2 = 13 steps per epoch"
+                    " x 1 epochs = 13 steps")
+
+
+def test_a_second_run_of_the_same_project_is_refused_while_the_first_waits(host):
+    import threading
+
+    from lib_lora.ui.jobs import JobQueue
+
+    release = threading.Event()
+    svc = TrainService(host, JobQueue(lambda job: release.wait(10)))
+    root = svc.root()
+    projects.create_project(root, "p")
+    projects.create_project(root, "q")
+    make_images(root / "p" / "dataset" / "10_p", 2)
+    make_images(root / "q" / "dataset" / "10_q", 2)
+    first = svc.start("p", fields.defaults())
+    with pytest.raises(BadInput, match="already has a training") as info:
+        svc.start("p", dict(fields.defaults(), network_dim=32))
+    assert first.id in str(info.value)
+    other = svc.start("q", fields.defaults())  # another project queues behind it
+    assert [j.project for j in svc.queue.jobs()] == ["p", "q"] and other.status == "queued"
+    release.set()
+
+
+def test_refusals_name_the_field_by_its_label(service):
+    root = service.root()
+    projects.create_project(root, "p")
+    make_images(root / "p" / "dataset" / "10_p", 2)
+    with pytest.raises(BadInput, match=r"^Resolution \(W or W,H\) \(resolution\): ") as info:
+        service.start("p", dict(fields.defaults(), resolution="60"))
+    assert not str(info.value).startswith("error")

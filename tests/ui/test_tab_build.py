@@ -13,6 +13,7 @@ ELEM_IDS = (
     "lora_train_interrupt", "lora_train_pause", "lora_train_poll", "lora_train_loss_plot", "lora_train_steps_line",
     "lora_train_max_train_epochs", "lora_train_train_batch_size", "lora_train_gradient_accumulation_steps",
     "lora_train_network_dim", "lora_train_test_run", "lora_train_merge_run", "lora_train_queue",
+    "lora_train_samples", "lora_train_dupes_move", "lora_train_edit_tags", "lora_train_tagger_model_dir",
 )
 
 
@@ -36,3 +37,15 @@ def test_tab_shows_a_missing_model_instead_of_failing(host):
     blocks = build_tab(host)
     html = [b.value for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "lora_train_model"]
     assert "no model" in html[0]
+
+
+def test_numbers_leave_range_checks_to_the_tab(host):
+    """gradio's own check answers an out-of-range number with a toast that does not name the field; the tab's
+    check names it ("Network rank (dim) must be between 1 and 1024, not 0")."""
+    blocks = build_tab(host)
+    numbers = [b for b in blocks.blocks.values() if isinstance(b, gr.Number)]
+    assert numbers and all(b.minimum is None and b.maximum is None for b in numbers)
+    dropdowns = [b for b in blocks.blocks.values() if isinstance(b, gr.Dropdown) and b.value is not None
+                 and not b.multiselect]
+    # gradio 3.41 shows an empty box for a number value among number choices (Caption tokens 75 / 150 / 225)
+    assert all(b.value in b.choices and all(isinstance(c, str) for c in b.choices) for b in dropdowns)
