@@ -165,6 +165,13 @@ def build(ctx) -> None:
         return {concept_box: found[row].folder.name, repeats: found[row].repeats}
 
     concepts.select(fill_concept, inputs=[ctx.selector], outputs=[concept, repeats, ctx.msg])
+
+    def first_concept(project_name):
+        """Another project: its first concept folder and repeats in the boxes (not the previous project's)."""
+        found = ctx.project(project_name).concepts()
+        return {concept_box: found[0].folder.name if found else "", repeats: found[0].repeats if found else 10}
+
+    ctx.on_project_change(first_concept, [concept, repeats], settings=True)
     renamed = on(repeats_btn.click, do_repeats, {"project_name": ctx.selector, "concept": concept, "repeats": repeats},
        [concepts, gallery, concept, ctx.msg], error_output=ctx.msg)
     ctx.refresh_after(renamed)
