@@ -142,7 +142,17 @@ def test_short_training_shows_the_loss_plot_and_writes_epochs(page, app):
                         ("lora_train_resolution", "64"), ("lora_train_network_dim", "4")):
         fill(page, elem, value)
     page.locator("#lora_train_enable_bucket input").uncheck()
-    page.wait_for_function("() => document.querySelector('#lora_train_steps_line').innerText.includes('= 40 steps')")
+    page.wait_for_function("() => document.querySelector('#lora_train_steps_line').innerText.includes("
+                           "'4 images x 10 repeats = 40 per epoch / batch 2 = 20 steps per epoch x 2 epochs = 40 steps')")
+    # a value out of range: the tab's message names the field (gradio's own toast would not)
+    fill(page, "lora_train_network_alpha", "-1")
+    page.click("#lora_train_start")
+    wait_msg(page, "Network alpha must be between 0 and 1024, not -1")
+    fill(page, "lora_train_network_alpha", "2")
+    # opening another sub-tab refreshes its data but keeps the settings being edited
+    open_tab(page, "Test")
+    open_tab(page, "Train")
+    assert page.locator("#lora_train_max_train_epochs input").input_value() == "2"
     page.click("#lora_train_start")
     wait_msg(page, "queued")
     end = time.time() + 600
@@ -154,6 +164,10 @@ def test_short_training_shows_the_loss_plot_and_writes_epochs(page, app):
     assert "sks: done" in status, status
     out = app["base"] / "projects" / ".lora" / "sks"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
-    page.wait_for_selector("#lora_train_loss_plot canvas, #lora_train_loss_plot svg .mark-line, #lora_train_loss_plot svg path")
+    page.wait_for_selector("#lora_train_loss_plot svg path")
     assert "sks-02.safetensors" in page.locator("#lora_train_files textarea").input_value()
+    assert "done" in page.inner_text("#lora_train_queue")
+    # the new epochs are in the Test sub-tab as soon as it is opened (no project switch needed)
+    open_tab(page, "Test")
+    page.wait_for_function("() => document.querySelector('#lora_train_test_epochs').innerText.includes('sks-02')")
     shutil.rmtree(out, ignore_errors=True)
