@@ -34,15 +34,21 @@ class UiField:
 F = UiField
 FIELDS: tuple[UiField, ...] = (
     # Steps: images x repeats x epochs / batch
-    F("max_train_epochs", "Epochs", "Steps", "int", 10, 1, 1000),
+    F("max_train_epochs", "Epochs", "Steps", "int", 10, 1, 1000,
+      info="passes over the dataset (each image x its folder's repeats); one file per saved epoch"),
     F("train_batch_size", "Batch size", "Steps", "int", 1, 1, 64),
     F("gradient_accumulation_steps", "Gradient accumulation", "Steps", "int", 1, 1, 64),
-    F("save_every_n_epochs", "Save every N epochs", "Steps", "int", 1, 1, 1000),
-    F("seed", "Seed (-1 = random)", "Steps", "int", 42, -1, 2**32 - 1),
+    F("save_every_n_epochs", "Save every N epochs", "Steps", "int", 1, 1, 1000,
+      info="writes NAME-01, NAME-02, ... to compare in the Test tab; the last epoch is always saved"),
+    F("seed", "Seed (-1 = random)", "Steps", "int", 42, -1, 2**32 - 1,
+      info="the same seed and settings give the same LoRA"),
     # Learning
-    F("optimizer_type", "Optimizer", "Learning", "dropdown", "AdamW"),
-    F("unet_lr", "UNet learning rate", "Learning", "number", 5e-4, 0, 10),
-    F("text_encoder_lr", "Text encoder learning rate (0 = UNet only)", "Learning", "number", 1e-4, 0, 10),
+    F("optimizer_type", "Optimizer", "Learning", "dropdown", "AdamW",
+      info="AdamW for a first LoRA; Prodigy finds its own rate (set both learning rates to 1)"),
+    F("unet_lr", "UNet learning rate", "Learning", "number", 5e-4, 0, 10,
+      info="how fast the image model learns; lower it if samples burn in early epochs"),
+    F("text_encoder_lr", "Text encoder learning rate (0 = UNet only)", "Learning", "number", 1e-4, 0, 10,
+      info="how fast the prompt model learns the trigger word; usually 1/2 to 1/5 of the UNet rate"),
     F("lr_scheduler", "Scheduler", "Learning", "dropdown", "cosine_with_restarts"),
     F("lr_scheduler_num_cycles", "Restarts (cosine with restarts)", "Learning", "int", 3, 1, 100),
     F("lr_warmup_steps", "Warmup (fraction of steps below 1, else steps)", "Learning", "number", 0.05, 0, 100000),
@@ -53,8 +59,10 @@ FIELDS: tuple[UiField, ...] = (
     # Structure
     F("network_dim", "Network rank (dim)", "Structure", "int", 16, 1, 1024),
     F("network_alpha", "Network alpha", "Structure", "number", 8.0, 0, 1024),
-    F("conv_dim", "Conv rank (LoCon, 0 = off)", "Structure", "int", 0, 0, 1024),
-    F("conv_alpha", "Conv alpha", "Structure", "number", 1.0, 0, 1024),
+    F("conv_dim", "Conv rank (LoCon, 0 = off)", "Structure", "int", 0, 0, 1024,
+      info="also trains the convolution layers (LoCon): more detail and style, a larger file"),
+    F("conv_alpha", "Conv alpha", "Structure", "number", 1.0, 0, 1024,
+      info="scale of the conv layers' update (conv alpha / conv rank)"),
     F("network_dropout", "Dropout (0 = off)", "Structure", "number", 0.0, 0, 1, zero_is_none=True),
     F("network_weights", "Start from LoRA file (optional)", "Structure", "text", ""),
     # Processing

@@ -16,7 +16,8 @@ from .jobs import PAUSED, RUNNING
 
 
 def _widget(f: fields.UiField):
-    info = fields.config_info(f.name).get("help", "") if f.name not in fields.PSEUDO else f.info
+    # the tab's own words where the engine's help speaks of command-line options
+    info = f.info or fields.config_info(f.name).get("help", "")
     elem_id = f"lora_train_{f.name}"
     if f.widget == "checkbox":
         return gr.Checkbox(value=f.default, label=f.label, info=info, elem_id=elem_id)
@@ -135,7 +136,7 @@ def build(ctx) -> None:
             plot = gr.HTML(loss_plot(None), elem_id="lora_train_loss_plot")
             samples = gr.Gallery(label="Previews (Samples settings)", columns=4, height=220,
                                  elem_id="lora_train_samples")
-            files = gr.Textbox(label="Saved epochs and the webui's Lora loader check", lines=5, interactive=False,
+            files = gr.Textbox(label="Saved epochs and the Lora loader check (each file loaded back into the model)", lines=5, interactive=False,
                                elem_id="lora_train_files")
     queue_table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, wrap=True,
                                label="Queue (runs go one after another; a failed run does not stop the rest)",
