@@ -4,36 +4,46 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pathlib import Path
+
 from ..captions import caption_path, read_caption
 from ..errors import BadInput
 from . import tagops
 from .common import message, on
 
 
-def load_tagger(kind: str, threshold: float, model_dir: str = "", models_folder=None):
-    """WD14 (onnxruntime) or BLIP (torch): from `model_dir` when given (a model downloaded before), else from the
-    host's models folder, downloaded there once."""
+def locate_tagger_model(kind: str, model_dir: str = "", models_folder=None) -> Path:
+    """The tagger's model folder: `model_dir` when given (a model downloaded before), else the host's models
+    folder, downloaded there once. Runs before the queue lock is taken, so a download or a bad folder does not
+    hold up generations, and a bad folder is reported at once, not after the running generation."""
     from ..tagging import models
 
     model_dir = str(model_dir or "").strip() or None
+    kind = str(kind).lower()
+    if kind not in ("wd14", "blip"):
+        raise BadInput(f"unknown tagger {kind!r}: choose WD14 or BLIP")
+    repo = models.DEFAULT_WD14_REPO if kind == "wd14" else models.DEFAULT_BLIP_REPO
+    locate = models.locate_wd14 if kind == "wd14" else models.locate_blip
     try:
-        if kind.lower() == "wd14":
-            from ..tagging.wd14 import Wd14Tagger
-
-            return Wd14Tagger(models.locate_wd14(models.DEFAULT_WD14_REPO, model_dir, models_folder), float(threshold))
-        if kind.lower() == "blip":
-            from ..tagging.blip import BlipCaptioner
-
-            return BlipCaptioner(models.locate_blip(models.DEFAULT_BLIP_REPO, model_dir, models_folder))
+        return Path(locate(repo, model_dir, models_folder))
     except BadInput as exc:
         if model_dir or "cannot download" not in str(exc):
             raise
-        repo = models.DEFAULT_WD14_REPO if kind.lower() == "wd14" else models.DEFAULT_BLIP_REPO
         target = models.repo_folder(models_folder or models.default_models_folder(), repo)
-        raise BadInput(f"the {kind} model ({repo}) is not downloaded yet and cannot be downloaded now: "
+        raise BadInput(f"the {kind.upper()} model ({repo}) is not downloaded yet and cannot be downloaded now: "
                        f"put its files in {target} or enter a folder holding them under 'Model folder' "
                        f"({str(exc).split(' (')[0]})") from None
-    raise BadInput(f"unknown tagger {kind!r}: choose WD14 or BLIP")
+
+
+def load_tagger(kind: str, threshold: float, folder: Path):
+    """WD14 (onnxruntime) or BLIP (torch) from its model folder."""
+    if str(kind).lower() == "wd14":
+        from ..tagging.wd14 import Wd14Tagger
+
+        return Wd14Tagger(folder, float(threshold))
+    from ..tagging.blip import BlipCaptioner
+
+    return BlipCaptioner(folder)
 
 
 def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progress=None, model_dir: str = "") -> str:
@@ -50,9 +60,9 @@ def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progr
     exclusive = host.exclusive(f"LoRA Train tagging {project.name}") if host is not None and hasattr(host, "exclusive") \
         else contextlib.nullcontext()
     folder_of = getattr(host, "tagger_models_folder", None)
-    models_folder = folder_of() if callable(folder_of) else None
+    folder = locate_tagger_model(kind, model_dir, folder_of() if callable(folder_of) else None)
     with exclusive:
-        tagger = load_tagger(kind, threshold, model_dir, models_folder)
+        tagger = load_tagger(kind, threshold, folder)
         try:
             result = tag_folder(project.dataset, tagger, mode=mode, recursive=True, progress=progress)
         finally:

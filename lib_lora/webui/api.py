@@ -92,12 +92,13 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
         return {"name": project.name, "path": str(project.path), "dataset": str(project.dataset)}
 
     def tag_project(name: str, body: dict = Body(default={})):
-        """Run a tagger over the project: {"tagger": "wd14"|"blip", "threshold": 0.35, "mode": "append"}."""
+        """Run a tagger over the project: {"tagger": "wd14"|"blip", "threshold": 0.35, "mode": "append",
+        "model_dir": a folder holding the model (optional)}; in the webui's queue like a generation."""
         from ..ui.tab_tags import run_tagger
 
         project = service.project(name)
         result = run_tagger(project, str(body.get("tagger", "wd14")), float(body.get("threshold", 0.35)),
-                            str(body.get("mode", "append")))
+                            str(body.get("mode", "append")), host, model_dir=str(body.get("model_dir") or ""))
         return {"project": name, "result": result}
 
     def start_job(body: dict = Body(...)):
