@@ -158,7 +158,7 @@ def _truncated(data: bytes, fmt: str | None) -> bool:
 
 def inspect_image(path: str | os.PathLike) -> ImageInfo:
     """Decode one image fully and describe what training will see; raises IncompatibleFile when it cannot."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from ..errors import IncompatibleFile
 
@@ -179,6 +179,8 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
                 info.transparent = img.convert("RGBA").getchannel("A").getextrema()[0] < 255
             info.grayscale = _is_grayscale(img)
             return info
+    except UnidentifiedImageError as exc:  # its message names our in-memory buffer, not the file
+        raise IncompatibleFile("not an image (unknown format or damaged start of file)") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise IncompatibleFile(str(exc) or type(exc).__name__) from exc
 
