@@ -16,6 +16,8 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
         try:
             value = float(tail)
         except ValueError:
+            if head.lower().endswith(".safetensors"):  # `a.safetensors:0,8`: a typo, not part of a file name
+                raise BadInput(f"multiplier {tail!r} in {text!r} is not a number (e.g. {head}:0.8)") from None
             return text, 1.0
         if not math.isfinite(value):
             raise BadInput(f"multiplier in {text!r} must be a finite number")

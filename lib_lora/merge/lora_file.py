@@ -11,11 +11,11 @@ Formats we cannot merge exactly (LoHa, LoKr, DoRA, full-weight diffs) are refuse
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput, IncompatibleFile
+from ..network.keys import foreign_type
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
 _PARTS = (
@@ -28,15 +28,6 @@ _PARTS = (
     (".lora.up.weight", "up"),
     (".alpha", "alpha"),
 )
-# tensor-name endings of formats that are not up @ down: refused by name
-_UNSUPPORTED = [
-    (re.compile(r"\.hada_\w+$"), "LoHa"),
-    (re.compile(r"\.lokr_\w+$"), "LoKr"),
-    (re.compile(r"\.dora_scale$"), "DoRA"),
-    (re.compile(r"\.(diff|diff_b)$"), "full-weight difference"),
-    (re.compile(r"\.(w_norm|b_norm)$"), "weight-norm"),
-    (re.compile(r"\.on_input$"), "IA3"),
-]
 _DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
 
 
@@ -158,9 +149,10 @@ def _group(p: Path, reader: SafetensorsFile, arch: str) -> LoraFile:
         if key.startswith("bundle_emb."):  # textual-inversion embeddings bundled in the LoRA: not part of a model
             ignored.append(key)
             continue
-        for pattern, kind in _UNSUPPORTED:
-            if pattern.search(key):
-                raise IncompatibleFile(f"{p.name} is a {kind} file (key {key}); only LoRA / LoCon can be merged")
+        part = key.partition(".")[2]  # formats that are not up @ down are refused by name (the webui's table)
+        kind = "DoRA" if part == "dora_scale" else foreign_type(part)
+        if kind:
+            raise IncompatibleFile(f"{p.name} is a {kind} file (key {key}); only LoRA / LoCon can be merged")
         split = _split_key(key)
         name = _kohya_name(split[0], arch) if split else None
         if name is None:

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from ..errors import BadInput, IncompatibleFile
 from ..fsutil import atomic_open, atomic_write_bytes, check_name
+from ..network.metadata import IMPLEMENTATION_SGM, modelspec_architecture
 from .lora_file import LoraFile, LoraModule, open_lora
 from .safetensors_io import FLOAT_DTYPES, PlannedTensor, StreamWriter, encode_header, torch_dtype
 from .sources import CheckpointSource, open_checkpoint
@@ -33,7 +34,6 @@ from .targets import CheckpointIndex, Target
 
 PRECISIONS = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 _MODELSPEC_FAMILY = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 _STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 _EXAMPLES = 3
 
@@ -296,12 +296,11 @@ def _metadata(source: CheckpointSource, index: CheckpointIndex, out: Path, loras
                 arch = candidate
                 break
     if not arch:
-        arch = MODELSPEC_ARCH[index.arch]
-        if index.arch == "sd2" and _yaml_says_v(source.path.with_suffix(".yaml")):
-            arch = "stable-diffusion-v2-768-v"
+        v_prediction = index.arch == "sd2" and _yaml_says_v(source.path.with_suffix(".yaml"))
+        arch = modelspec_architecture(index.arch, v_prediction, lora=False)
     meta["modelspec.architecture"] = arch.removesuffix("/lora")
     meta.setdefault("modelspec.sai_model_spec", "1.0.1")
-    meta["modelspec.implementation"] = "https://github.com/Stability-AI/generative-models"
+    meta["modelspec.implementation"] = IMPLEMENTATION_SGM  # any full checkpoint, as sd-scripts writes it
     meta["modelspec.title"] = out.stem
     meta["modelspec.date"] = datetime.now().isoformat(timespec="seconds")
     meta["modelspec.merged_from"] = ", ".join(

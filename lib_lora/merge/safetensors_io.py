@@ -1,13 +1,11 @@
 """A safetensors reader and a streaming writer of our own.
 
 Why not `safetensors.torch`: `load_file` / `save_file` hold the whole checkpoint in memory (twice while saving),
-and the merge must stay near one checkpoint's size. Reading the header ourselves lets untouched tensors be copied
-byte for byte from file to file (no torch round trip, so they stay bit-identical), and lets us name the problem
-precisely when a file is truncated or not safetensors at all. The writer lays out the header first (every output
-shape and dtype is known before any tensor is computed) and then streams tensor after tensor.
-
-Format: 8-byte little-endian header length N, N bytes of JSON (`__metadata__`: str -> str; per tensor
-`{"dtype", "shape", "data_offsets": [begin, end]}` relative to the data section), then the data section.
+and the merge must stay near one checkpoint's size. Reading the header ourselves (`lib_lora.safetensors_header`,
+shared with the LoRA file reader) lets untouched tensors be copied byte for byte from file to file (no torch round
+trip, so they stay bit-identical), and names the problem precisely when a file is truncated or not safetensors at
+all. The writer lays out the header first (every output shape and dtype is known before any tensor is computed)
+and then streams tensor after tensor.
 """
 
 from __future__ import annotations
@@ -21,41 +19,13 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from ..errors import BadInput, IncompatibleFile
+from ..safetensors_header import DTYPES, TensorEntry, parse_header
 
-# safetensors dtype -> (torch attribute name, bytes per element)
-DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "U16": ("uint16", 2),
-    "U32": ("uint32", 4),
-    "U64": ("uint64", 8),
-    "BOOL": ("bool", 1),
-}
+__all__ = ["DTYPES", "FLOAT_DTYPES", "TensorEntry", "SafetensorsFile", "PlannedTensor", "StreamWriter", "encode_header",
+           "tensor_bytes", "torch_dtype", "safetensors_dtype"]
+
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # absolute offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
 
 def torch_dtype(name: str):
@@ -87,7 +57,8 @@ class SafetensorsFile:
             raise BadInput(f"{what} is not a file: {self.path}")
         self._fh: IO[bytes] = open(self.path, "rb")
         try:
-            self.metadata, self.entries = _parse_header(self._fh, self.path)
+            header = parse_header(self._fh, self.path.name)
+            self.metadata, self.entries = header.metadata, header.entries
         except BaseException:
             self._fh.close()
             raise
@@ -128,53 +99,6 @@ class SafetensorsFile:
             out.write(chunk)
             left -= len(chunk)
         return entry.nbytes
-
-
-def _parse_header(fh: IO[bytes], path: Path) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-    name = path.name
-    size = os.fstat(fh.fileno()).st_size
-    head = fh.read(8)
-    if len(head) < 8:
-        raise IncompatibleFile(f"{name} is not a safetensors file (only {size} bytes)")
-    (n,) = struct.unpack("<Q", head)
-    if n < 2 or n > _MAX_HEADER:
-        raise IncompatibleFile(f"{name} is not a safetensors file (bad header length)")
-    if 8 + n > size:
-        raise IncompatibleFile(f"{name} is truncated (header needs {8 + n} bytes, file has {size})")
-    try:
-        header = json.loads(fh.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise IncompatibleFile(f"{name} is not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise IncompatibleFile(f"{name} is not a safetensors file (header is not a JSON object)")
-    raw_meta = header.pop("__metadata__", None) or {}
-    if not isinstance(raw_meta, dict):
-        raise IncompatibleFile(f"{name} has a malformed __metadata__ block")
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw_meta.items()}
-    entries: list[TensorEntry] = []
-    base = 8 + n
-    for key, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise IncompatibleFile(f"{name} has a malformed header entry for {key!r}") from None
-        if dtype not in DTYPES:
-            raise IncompatibleFile(f"{name}: tensor {key!r} has an unknown dtype {dtype!r}")
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * DTYPES[dtype][1]:
-            raise IncompatibleFile(f"{name} is corrupt (size of tensor {key!r} does not match its shape)")
-        entries.append(TensorEntry(key, dtype, shape, base + begin, base + end))
-    entries.sort(key=lambda e: (e.begin, e.end))
-    expected = base
-    for entry in entries:
-        if entry.begin != expected:
-            raise IncompatibleFile(f"{name} is corrupt (tensor data overlaps or has gaps at {entry.key!r})")
-        expected = entry.end
-    if expected > size:
-        raise IncompatibleFile(f"{name} is truncated (needs {expected} bytes, file has {size})")
-    if expected < size:
-        raise IncompatibleFile(f"{name} is corrupt ({size - expected} unexpected bytes after the tensor data)")
-    return metadata, {e.key: e for e in entries}
 
 
 @dataclass(frozen=True)

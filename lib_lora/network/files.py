@@ -23,6 +23,7 @@ import torch
 
 from ..errors import BadInput, IncompatibleFile
 from ..fsutil import atomic_write_bytes, atomic_write_text, check_name
+from ..safetensors_header import parse_header
 
 PRECISIONS = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -31,7 +32,6 @@ PRECISIONS = {
 }
 SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 SIDECAR_KEYS = ("activation text", "preferred weight", "sd version", "description")
-_MAX_HEADER = 100 * 1024 * 1024
 _LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
 
 
@@ -115,7 +115,8 @@ def lora_path(folder: str | os.PathLike, output_name: str, epoch: int | None = N
 
 # --------------------------------------------------------------------------------------------------- load
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The safetensors header (tensor entries + `__metadata__`) and its byte length, checked against the file size.
+    """The safetensors header (tensor entries + `__metadata__`) and its byte length, checked against the file size
+    (`lib_lora.safetensors_header`, the parser the merge uses too).
 
     Raises IncompatibleFile for a missing, empty, truncated or non-safetensors file."""
     p = Path(path)
@@ -123,38 +124,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         raise IncompatibleFile(f"{p}: no such file")
     if p.is_dir():
         raise IncompatibleFile(f"{p}: is a folder, not a LoRA file")
-    size = p.stat().st_size
     if p.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise IncompatibleFile(f"{p.name}: only .safetensors LoRA files are supported (not {p.suffix})")
     with open(p, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise IncompatibleFile(f"{p.name}: empty or truncated file ({size} bytes), not a safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER:
-            raise IncompatibleFile(f"{p.name}: not a safetensors file (it does not start with a header length)")
-        if length > size - 8:
-            raise IncompatibleFile(f"{p.name}: truncated file (the header needs {length} bytes, the file has {size - 8})")
-        raw = fh.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise IncompatibleFile(f"{p.name}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise IncompatibleFile(f"{p.name}: not a safetensors file (its header is not a JSON object)")
-    data_size = size - 8 - length
-    needed = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise IncompatibleFile(f"{p.name}: corrupt safetensors header (tensor {key!r})") from None
-        needed = max(needed, int(end))
-    if needed > data_size:
-        raise IncompatibleFile(f"{p.name}: truncated file (tensor data needs {needed} bytes, only {data_size} present)")
-    return header, length
+        header = parse_header(fh, p.name)
+    return header.as_json(), header.length
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

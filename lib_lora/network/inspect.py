@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from ..errors import IncompatibleFile
 from .files import file_model_hash, read_header
 from .keys import network_type, split_key
 
@@ -33,6 +34,11 @@ def describe(path: str | os.PathLike) -> dict:
         parts.setdefault(module, []).append(part)
     down_shapes = {m: shapes[f"{m}.lora_down.weight"] for m in parts if f"{m}.lora_down.weight" in shapes}
     kind = network_type(parts, down_shapes)
+    if kind == "unknown" and not any(m.startswith(("lora_", "lycoris_")) for m in parts):
+        raise IncompatibleFile(
+            f"{Path(path).name} is not a kohya LoRA file: none of its {len(shapes)} tensors belongs to a lora_unet_ / "
+            "lora_te_ module (a checkpoint, or a LoRA in another format?)"
+        )
     arch, arch_source = _architecture(metadata, shapes, parts)
     ranks = _ranks(path, shapes, parts)
     size = Path(path).stat().st_size

@@ -8,11 +8,12 @@ down/up as PEFT's `lora_A` / `lora_B` or omit alpha (= rank, scale 1); those are
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from ..errors import IncompatibleFile
+
+if TYPE_CHECKING:
+    import torch
 
 KEY_GRAMMAR = re.compile(r"^lora_(unet|te|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -33,6 +34,14 @@ FOREIGN_TYPES = (
 VARIANT_PARTS = {"lora_mid.weight": "Tucker/CP (lora_mid)", "dora_scale": "DoRA (dora_scale)"}
 
 
+def foreign_type(part: str) -> str | None:
+    """The network type a part name belongs to when it is not plain LoRA / LoCon ('LoHa', 'IA3', ...), else None."""
+    for name, identifying in FOREIGN_TYPES:
+        if part in identifying:
+            return name
+    return None
+
+
 def split_key(key: str) -> tuple[str, str]:
     """`lora_unet_x.lora_down.weight` -> (`lora_unet_x`, `lora_down.weight`)."""
     module, _, part = key.partition(".")
@@ -49,7 +58,7 @@ def network_type(parts_by_module: Mapping[str, Iterable[str]], down_shapes: Mapp
 
     Variants are appended: 'LoCon + DoRA (dora_scale)'."""
     all_parts = {part for parts in parts_by_module.values() for part in parts}
-    for name, identifying in FOREIGN_TYPES:
+    for name, identifying in FOREIGN_TYPES:  # first match wins, as the webui does
         if all_parts & set(identifying):
             return name
     if not all_parts & {"lora_down.weight", "lora_A.weight", "lora.down.weight"}:
@@ -86,6 +95,8 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     kind = network_type({m: list(p) for m, p in parts_by_module.items()}, shapes)
     if kind not in ("LoRA", "LoCon"):
         raise IncompatibleFile(f"this is a {kind} file; only LoRA / LoCon (networks.lora) files can be loaded")
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     for module, parts in parts_by_module.items():
         down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")

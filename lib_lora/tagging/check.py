@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..captions import read_caption, split_tags
+from ..dataset.scan import parse_concept_folder
 from ..errors import BadInput, LoraTrainError
 from ..imagefiles import IMAGE_EXTENSIONS
 from .dedupe import DUPLICATES_DIR, MOVE_JOURNAL
@@ -60,7 +61,6 @@ UNSUPPORTED_EXTENSIONS = {
     ".pbm": "PBM", ".pcx": "PCX", ".dng": "DNG (camera raw)", ".cr2": "CR2 (camera raw)", ".nef": "NEF (camera raw)",
     ".arw": "ARW (camera raw)", ".raw": "RAW",
 }
-_REPEATS = re.compile(r"^(\d+)_(.*)$")
 _COUNT_TAG = re.compile(r"^(\d\+?(girls?|boys?|others?)|solo|no humans|multiple (girls|boys)|(male|female) focus)$")
 DEFAULT_MIN_SIDE = 512
 DEFAULT_MAX_SIDE = 4096
@@ -158,7 +158,7 @@ def _truncated(data: bytes, fmt: str | None) -> bool:
 
 def inspect_image(path: str | os.PathLike) -> ImageInfo:
     """Decode one image fully and describe what training will see; raises IncompatibleFile when it cannot."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from ..errors import IncompatibleFile
 
@@ -179,6 +179,8 @@ def inspect_image(path: str | os.PathLike) -> ImageInfo:
                 info.transparent = img.convert("RGBA").getchannel("A").getextrema()[0] < 255
             info.grayscale = _is_grayscale(img)
             return info
+    except UnidentifiedImageError as exc:  # its message names our in-memory buffer, not the file
+        raise IncompatibleFile("not an image (unknown format or damaged start of file)") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise IncompatibleFile(str(exc) or type(exc).__name__) from exc
 
@@ -213,7 +215,7 @@ def _layout(root: Path) -> tuple[str, list[tuple[Path, int | None]], list[Path]]
     entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     folders = [p for p in entries if p.is_dir() and p.name != DUPLICATES_DIR]
     loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    prefixed = [p for p in folders if _REPEATS.match(p.name)]
+    prefixed = [p for p in folders if parse_concept_folder(p.name)]
     if prefixed or (folders and not loose):
         return "concepts", [(p, _repeats(p.name)) for p in folders], loose
     own = _repeats(root.resolve().name)
@@ -221,8 +223,9 @@ def _layout(root: Path) -> tuple[str, list[tuple[Path, int | None]], list[Path]]
 
 
 def _repeats(name: str) -> int | None:
-    match = _REPEATS.match(name)
-    return int(match.group(1)) if match else None
+    """The repeat count of an `N_concept` folder name (the training scan's own rule), None without one."""
+    parsed = parse_concept_folder(name)
+    return parsed[0] if parsed else None
 
 
 def check_dataset(

@@ -282,7 +282,11 @@ def _keep_rank(fp: Fingerprint) -> tuple:
 
 
 def group_duplicates(fps: Sequence[Fingerprint], threshold: int = DEFAULT_THRESHOLD) -> list[DuplicateGroup]:
-    """Connected groups of duplicates; in each, the largest image is kept."""
+    """Groups of duplicates: the largest image is kept and every other member is a duplicate of THAT image.
+
+    Pairs are first joined into connected sets, then each set is split around its best image: a chain of small
+    steps (video frames, a colour ramp) links pictures whose ends differ completely, and `--move` must never
+    put such a picture aside as a "copy" of one it does not resemble."""
     parent = list(range(len(fps)))
 
     def find(i: int) -> int:
@@ -301,18 +305,21 @@ def group_duplicates(fps: Sequence[Fingerprint], threshold: int = DEFAULT_THRESH
         members.setdefault(find(i), []).append(i)
     groups = []
     for indices in members.values():
-        if len(indices) < 2:
-            continue
         ranked = sorted(indices, key=lambda i: _keep_rank(fps[i]))
-        keep = fps[ranked[0]]
-        others = sorted((fps[i] for i in ranked[1:]), key=lambda fp: str(fp.path))
-        groups.append(
-            DuplicateGroup(
-                keep.path,
-                [fp.path for fp in others],
-                {fp.path: None if keep.low_detail else hash_distance(keep, fp) for fp in others},
+        while len(ranked) > 1:
+            keep = fps[ranked[0]]
+            copies = [i for i in ranked[1:] if is_duplicate(keep, fps[i], threshold)]
+            ranked = [i for i in ranked[1:] if i not in copies]
+            if not copies:
+                continue
+            others = sorted((fps[i] for i in copies), key=lambda fp: str(fp.path))
+            groups.append(
+                DuplicateGroup(
+                    keep.path,
+                    [fp.path for fp in others],
+                    {fp.path: None if keep.low_detail else hash_distance(keep, fp) for fp in others},
+                )
             )
-        )
     return sorted(groups, key=lambda g: str(g.keep))
 
 

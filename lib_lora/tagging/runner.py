@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 from ..captions import UndoEntry, caption_path, join_tags, read_caption, split_tags, write_captions
 from ..errors import BadInput, LoraTrainError
 from ..imagefiles import IMAGE_EXTENSIONS, iter_image_files
-from .tag_ops import tag_frequency, tag_key
+from .tag_ops import dedupe, tag_frequency, tag_key
 
 MODES = ("append", "prepend", "overwrite", "skip")
 
@@ -273,7 +273,7 @@ def run_plan(
                 result.failed.append((path, error))
             else:
                 result.tagged.append(path)
-                kept = _dedupe([t for t in tags or [] if tag_key(t) not in excluded])
+                kept = list(dedupe([t for t in tags or [] if tag_key(t) not in excluded]))
                 produced.append(kept)
                 cap = caption_path(path, plan.caption_extension)
                 old = read_caption(cap) if cap.is_file() else ""
@@ -294,7 +294,7 @@ def run_plan(
         failure = exc
     result.seconds = time.perf_counter() - start
     if edits:
-        result.undo = write_captions(plan.folder, edits, f"tag {tagger.name} ({plan.mode}, {len(edits)} captions)")
+        result.undo = write_captions(plan.folder, edits, f"tag {tagger.name} ({plan.mode})")
         result.written = sorted(edits)
     result.frequency = tag_frequency(produced)
     if failure is not None:
@@ -320,14 +320,3 @@ def tag_folder(
     """Plan + run in one call (the Python API the tab uses)."""
     plan = plan_tagging(folder, mode, caption_extension, recursive)
     return run_plan(plan, tagger, batch_size, exclude, workers, progress, should_stop)
-
-
-def _dedupe(tags: list[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for tag in tags:
-        key = tag_key(tag)
-        if key not in seen:
-            seen.add(key)
-            out.append(tag)
-    return out

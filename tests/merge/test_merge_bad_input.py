@@ -195,6 +195,18 @@ def test_not_a_checkpoint_and_not_a_lora(tmp_path, ckpts, sd1_lora):
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)},
               str(tmp_path / "loha.safetensors"))
     expect_error(IncompatibleFile, "is a LoHa file", ckpts["sd1"][0], [(tmp_path / "loha.safetensors", 1.0)], out)
+    others = {
+        "DoRA": {"lora_unet_x.lora_down.weight": torch.zeros(2, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 2),
+                 "lora_unet_x.dora_scale": torch.ones(1, 2)},
+        "LoKr": {"lora_unet_x.lokr_w1": torch.zeros(2, 2), "lora_unet_x.lokr_w2": torch.zeros(2, 2)},
+        "IA3": {"lora_unet_x.weight": torch.zeros(2), "lora_unet_x.on_input": torch.zeros(())},
+        "OFT": {"lora_unet_x.oft_blocks": torch.zeros(1, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)},
+        "GLoRA": {f"lora_unet_x.{p}.weight": torch.zeros(2, 2) for p in ("a1", "a2", "b1", "b2")},
+        "full diff": {"lora_unet_x.diff": torch.zeros(2, 2)},
+    }
+    for kind, tensors in others.items():
+        save_file(tensors, str(tmp_path / "other.safetensors"))
+        expect_error(IncompatibleFile, f"is a {kind} file", ckpts["sd1"][0], [(tmp_path / "other.safetensors", 1.0)], out)
     assert not out.exists()
 
 

@@ -161,6 +161,8 @@ def test_lora_spec_parsing():
     assert parse_lora_spec("dir/a.safetensors") == ("dir/a.safetensors", 1.0)
     assert parse_lora_spec(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
     assert parse_lora_spec(r"C:\loras\a.safetensors:-0.5") == (r"C:\loras\a.safetensors", -0.5)
+    with pytest.raises(BadInput, match="multiplier '0,8' in 'a.safetensors:0,8' is not a number"):
+        parse_lora_spec("a.safetensors:0,8")
 
 
 def test_cli_end_to_end(tmp_path, ckpts, sd1_lora):

@@ -88,6 +88,15 @@ def test_loha_is_named(tmp_path, capsys):
     assert code == 0 and json.loads(out)["network_type"] == "LoHa"
 
 
+def test_a_checkpoint_is_not_described_as_a_lora(tmp_path, capsys):
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(4)}, str(path))
+    code, out, err = run_cli(capsys, path)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "model.safetensors is not a kohya LoRA file" in err and "checkpoint" in err
+
+
 @pytest.mark.parametrize("content,reason", [
     (None, "no such file"),
     (b"\x00" * 3, "empty or truncated"),

@@ -134,6 +134,7 @@ def test_details_say_what_is_wrong(report):
     assert found(report, "too_small")["10_char/007.png"].startswith("40x40")
     assert found(report, "tokens_over_225")["10_char/018.txt"] == "227 tokens"
     assert "truncated" in found(report, "unreadable")["10_char/004.png"]
+    assert found(report, "unreadable")["10_char/006.png"] == "not an image (unknown format or damaged start of file)"
     assert found(report, "animated")["10_char/020.png"] == "2 frames"
 
 

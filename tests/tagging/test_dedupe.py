@@ -152,6 +152,22 @@ def test_groups_are_exactly_each_original_with_its_copies(prints, copy_prints):
         assert sorted(str(p) for p in group.duplicates) == sorted(f"{origin}|{k}" for k in COPIES)
 
 
+
+def test_a_chain_of_small_steps_is_not_one_group():
+    """Panning frames (each 4% beside the last) and a colour ramp: neighbours are duplicates, the ends are not
+    alike at all. Every image put aside must be a duplicate of the image kept in its group."""
+    big = shapes_image(5, (400, 200))
+    frames = [fingerprint_image(big.crop((8 * k, 0, 8 * k + 200, 200))) for k in range(12)]
+    ramp = [fingerprint_image(Image.new("RGB", (64, 64), (10 * k, 100, 200 - 5 * k))) for k in range(20)]
+    for chain, name in ((frames, "frame"), (ramp, "ramp")):
+        fps = [p.__class__(**{**p.__dict__, "path": Path(f"{name}{k:02d}")}) for k, p in enumerate(chain)]
+        assert is_duplicate(fps[0], fps[1]) and not is_duplicate(fps[0], fps[-1])
+        groups = group_duplicates(fps)
+        by_name = {str(fp.path): fp for fp in fps}
+        assert groups and all(len(g.duplicates) <= 2 for g in groups), name
+        for group in groups:
+            assert all(is_duplicate(by_name[str(group.keep)], by_name[str(p)]) for p in group.duplicates)
+
 # ---- folders ------------------------------------------------------------------------------------------------
 
 
