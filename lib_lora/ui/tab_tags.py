@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gradio as gr
-
 from pathlib import Path
+
+import gradio as gr
 
 from ..captions import caption_path, read_caption
 from ..errors import BadInput
