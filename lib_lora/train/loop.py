@@ -29,7 +29,7 @@ from .events import (
 from .loss import add_noise, diffusion_loss, offset_noise, per_sample_mse, target_for
 from .metadata import activation_text, training_metadata
 from .netglue import build_network, load_weights, save_network
-from .optim import build_optimizer, current_lrs
+from .optim import build_optimizer, current_lrs, make_grad_scaler
 from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
@@ -123,7 +123,7 @@ class Run:
             self.dist.broadcast_parameters(self.params)
             self.setup = build_optimizer(cfg, self.net.param_groups(unet_lr, te_lr), self.plan.total_steps)
             if self.amp_dtype is torch.float16:
-                self.scaler = torch.amp.GradScaler(self.device.type)
+                self.scaler = make_grad_scaler(self.device.type)
             if loaded:
                 self.net.load_kohya({k: v.to(self.device) for k, v in loaded.network.items()})
                 self.setup.optimizer.load_state_dict(loaded.optimizer)

@@ -285,6 +285,12 @@ def test_mixed_precision_runs_on_cpu(tmp_path, data_dir, backend, precision):
     assert isinstance(events[-1], Done) and steps and all(torch.isfinite(torch.tensor(e.loss)) for e in steps)
 
 
+def test_fp16_on_the_webuis_torch_without_torch_amp_gradscaler(tmp_path, data_dir, backend, monkeypatch):
+    monkeypatch.delattr(torch.amp, "GradScaler")  # torch 2.1, what the webui ships, has only torch.cuda.amp's
+    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision="fp16", save_state=True), backend)
+    assert isinstance(events[-1], Done) and (tmp_path / "out" / "tiny.safetensors").exists()
+
+
 def test_out_of_memory_is_a_message_with_remedies(tmp_path, data_dir, components):
     from lib_lora.backends import DiffusersBackend
 
