@@ -291,6 +291,17 @@ def test_fp16_on_the_webuis_torch_without_torch_amp_gradscaler(tmp_path, data_di
     assert isinstance(events[-1], Done) and (tmp_path / "out" / "tiny.safetensors").exists()
 
 
+def test_cached_latents_come_from_the_runs_seed_not_the_global_rng(tmp_path, data_dir, backend):
+    """cache_latents samples the VAE once; that sample must follow `seed` (a resumed run, another process of a
+    multi-GPU run or a second run with the same seed caches again and must get the same latents)."""
+    got = []
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        _run(_cfg(tmp_path / str(i), data_dir, max_train_epochs=1), backend)
+        got.append(_weights(tmp_path / str(i) / "out" / "tiny.safetensors"))
+    assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
 def test_out_of_memory_is_a_message_with_remedies(tmp_path, data_dir, components):
     from lib_lora.backends import DiffusersBackend
 
