@@ -257,3 +257,18 @@ def test_steps_from_folders(tmp_path):
     cfg = _good(tmp_path, max_train_epochs=2, train_batch_size=3)
     plan = plan_from_folders(cfg)  # 3 images x 10 + 3 x 5 = 45
     assert (plan.train_images, plan.repeated_images, plan.steps_per_epoch, plan.total_steps) == (6, 45, 15, 30)
+
+
+def test_validate_adamw8bit_without_cuda_says_so_before_anything_loads(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    problems = [p for p in validate(_good(tmp_path, optimizer_type="AdamW8bit")) if p.field == "optimizer_type"]
+    assert len(problems) == 1 and problems[0].severity == "error"
+    assert "NVIDIA GPU" in problems[0].message and "pip install" not in problems[0].message
+
+
+def test_validate_network_alpha_zero_means_dim_as_in_sd_scripts(tmp_path):
+    assert errors_of(validate(_good(tmp_path, network_alpha=0.0))) == []
+    assert {p.field for p in errors_of(validate(_good(tmp_path, network_alpha=-1.0)))} == {"network_alpha"}
