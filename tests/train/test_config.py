@@ -137,7 +137,7 @@ def test_config_file_suffix_rule(tmp_path):
 KOHYA_PRESET = {
     "LoRA_type": "Kohya LoCon", "additional_parameters": "", "block_alphas": "", "bucket_no_upscale": True,
     "bucket_reso_steps": 64.0, "cache_latents": True, "cache_latents_to_disk": False, "caption_dropout_every_n_epochs": 0.0,
-    "caption_dropout_rate": 0, "caption_extension": ".txt", "clip_skip": "2", "color_aug": False, "conv_alpha": 1,
+    "caption_dropout_rate": 0, "caption_extension": ".txt", "clip_skip": "2", "color_aug": False, "conv_alpha": 4,
     "conv_dim": 8, "enable_bucket": True, "epoch": 10, "flip_aug": True, "full_fp16": False,
     "gradient_accumulation_steps": 1.0, "gradient_checkpointing": True, "keep_tokens": "1", "learning_rate": "0.0001",
     "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": "3", "lr_scheduler_power": "", "lr_warmup": "10",
@@ -159,7 +159,7 @@ def test_kohya_ss_preset_import(tmp_path):
     path.write_text(json.dumps(KOHYA_PRESET), encoding="utf-8")
     cfg = load_config_file(path, notes)
     assert cfg.network_dim == 32 and cfg.network_alpha == 16.0
-    assert cfg.network_args == ("conv_dim=8", "conv_alpha=1", "rank_dropout=0.1")
+    assert cfg.network_args == ("conv_dim=8", "conv_alpha=4", "rank_dropout=0.1")
     assert cfg.resolution == "768,768" and cfg.max_train_epochs == 10 and cfg.max_train_steps == 1600
     assert cfg.optimizer_type == "AdamW8bit" and cfg.optimizer_args == ("weight_decay=0.01", "betas=0.9,0.99")
     assert cfg.learning_rate == 1e-4 and cfg.unet_lr == 1e-4 and cfg.text_encoder_lr == 5e-5
@@ -172,6 +172,7 @@ def test_kohya_ss_preset_import(tmp_path):
     assert cfg.sample_prompts == ("a photo of mychar --w 512 --h 512", "mychar smiling --s 20")
     assert cfg.sample_every_n_epochs is None and cfg.output_name == "mychar"
     assert notes and "scale_weight_norms" in notes[0] and "xformers" not in notes[0]
+    assert "noise_offset_type" not in notes[0]  # "Original" is the offset noise we do
     # and it survives our own TOML
     assert loads_toml(dump_toml(cfg)) == cfg
 
