@@ -31,7 +31,8 @@ def _args(model, data, out, *extra):
 
 
 def test_cli_trains_and_prints_the_plan_first(tmp_path, sd1_diffusers_dir, data_dir, capsys):
-    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1"))
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                      "--save_state"))
     out = capsys.readouterr().out
     assert code == 0, out
     first = out.splitlines()[0]
@@ -41,7 +42,12 @@ def test_cli_trains_and_prints_the_plan_first(tmp_path, sd1_diffusers_dir, data_
 
     md = read_metadata(tmp_path / "out" / "cli-02.safetensors")
     assert md["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}' and md["ss_epoch"] == "2"
-    assert "done: 6 steps, 2 file(s)" in out
+    assert "done: 6 steps, 2 file(s)" in out and "resuming" not in out
+    # resuming says where it continues (here: the finished run's state, so nothing is left to do)
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                      "--resume", str(tmp_path / "out" / "cli-state")))
+    out = capsys.readouterr().out
+    assert code == 0 and "resuming after step 6 of 6" in out and "done: 6 steps, 2 file(s)" in out
 
 
 def test_cli_lists_every_problem_before_loading(tmp_path, capsys):
@@ -68,6 +74,13 @@ def test_cli_config_file_and_output_config(tmp_path, capsys):
     assert main(["train", "--config_file", str(tmp_path / "run"), "--network_alpha", "6", "--output_config", str(tmp_path / "b.toml")]) == 0
     text = (tmp_path / "b.toml").read_text()
     assert "network_dim = 12" in text and "network_alpha = 6.0" in text and "flip_aug = true" in text
+    capsys.readouterr()
+    preset = tmp_path / "preset.json"  # a kohya_ss GUI preset: what it holds that we do not use is said
+    preset.write_text('{"LoRA_type": "Standard", "network_dim": 16, "scale_weight_norms": 1, "noise_offset_type": "Original"}')
+    assert main(["train", "--config_file", str(preset), "--output_config", str(tmp_path / "c.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "note: kohya_ss settings not used here: scale_weight_norms" in out
+    assert "network_dim = 16" in (tmp_path / "c.toml").read_text()
 
 
 @pytest.mark.slow
