@@ -92,6 +92,69 @@ def test_sd_scripts_only_options_become_notes():
         loads_toml("save_model_as = 'ckpt'\n")
 
 
+# the --config_file kohya_ss GUI writes for sd-scripts' train_network.py (key names from bmaltais/kohya_ss
+# kohya_gui/lora_gui.py; values are the GUI's defaults): sd-scripts ignores keys it does not know, so this holds some
+KOHYA_SS_TOML = """
+bucket_reso_steps = 64
+cache_latents = true
+caption_extension = ".txt"
+clip_skip = 2
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 10
+gradient_checkpointing = true
+huber_c = 0.1
+huber_schedule = "snr"
+learning_rate = 0.0001
+loss_type = "l2"
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 3
+lr_scheduler_power = 1
+max_bucket_reso = 2048
+max_data_loader_n_workers = 0
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 225
+max_train_epochs = 10
+min_bucket_reso = 256
+mixed_precision = "fp16"
+network_alpha = 8
+network_args = [ "conv_dim=4", "conv_alpha=1",]
+network_dim = 16
+network_module = "networks.lora"
+noise_offset_type = "Original"
+optimizer_type = "AdamW8bit"
+output_name = "mychar"
+resolution = "512,512"
+sample_sampler = "euler_a"
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "fp16"
+text_encoder_lr = 5e-5
+train_batch_size = 2
+unet_lr = 0.0005
+wandb_run_name = "mychar"
+xformers = true
+"""
+
+
+def test_kohya_ss_written_config_file_loads_and_says_what_it_ignores():
+    notes: list[str] = []
+    cfg = loads_toml(KOHYA_SS_TOML, notes)
+    assert cfg.network_dim == 16 and cfg.network_args == ("conv_dim=4", "conv_alpha=1") and cfg.max_train_epochs == 10
+    assert cfg.unet_lr == 5e-4 and cfg.max_token_length == 225 and cfg.lr_scheduler_num_cycles == 3
+    assert notes and all(k in notes[0] for k in ("loss_type", "max_timestep", "wandb_run_name", "epoch", "xformers"))
+    # set to something that would change the training, such an option is refused, not silently ignored
+    variants = {"loss_type": KOHYA_SS_TOML.replace('loss_type = "l2"', 'loss_type = "huber"'),
+                "max_timestep": KOHYA_SS_TOML.replace("max_timestep = 1000", "max_timestep = 900"),
+                "multires_noise_iterations": KOHYA_SS_TOML + "multires_noise_iterations = 6\n",
+                "dataset_config": KOHYA_SS_TOML + 'dataset_config = "d.toml"\n'}
+    for key, text in variants.items():
+        with pytest.raises(BadInput, match=f"does not have: {key} = "):
+            loads_toml(text)
+
+
 def test_wrong_types_name_the_setting():
     with pytest.raises(BadInput, match="network_dim"):
         loads_toml("network_dim = 'eight'\n")
