@@ -118,3 +118,22 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, sd1_diffusers_dir, capsy
     assert two.keys() == one.keys()
     assert all(torch.allclose(two[k], one[k], rtol=1e-5, atol=1e-7) for k in two)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in two.items() if "lora_up" in k)
+
+
+def test_ctrl_c_once_stops_after_the_step_twice_at_once():
+    import signal
+
+    from lib_lora.cli.train import _install_interrupt
+    from lib_lora.train.events import TrainControl
+
+    control = TrainControl()
+    before = signal.getsignal(signal.SIGINT)
+    previous = _install_interrupt(control)
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert control.stop_requested  # the loop finishes its step, saves <name>-state and exits 130
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is before
