@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     cfg = config_from_args(args, notes)
     if args.output_config:
+        for note in notes:
+            print(f"note: {note}")
         save_toml(cfg, args.output_config)
         print(f"settings written to {args.output_config}")
         return 0
@@ -177,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         for ev in train(cfg, backend, dataset, control):
             if isinstance(ev, E.Started):
                 say(f"training: {ev.summary} (seed {ev.seed})")
+                if ev.start_step:
+                    say(f"resuming after step {ev.start_step} of {ev.total_steps}")
                 progress.start(ev.total_steps, ev.start_step)
             elif isinstance(ev, E.StepEnd):
                 progress.step(ev)

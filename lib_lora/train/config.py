@@ -76,7 +76,7 @@ class TrainConfig:
     # -- network
     network_module: str = _f("networks.lora", "network type (LoRA; LoCon via network_args conv_dim/conv_alpha)", "network", NETWORK_MODULES)
     network_dim: int = _f(4, "LoRA rank", "network")
-    network_alpha: float = _f(1.0, "LoRA alpha (scale = alpha / dim)", "network")
+    network_alpha: float = _f(1.0, "LoRA alpha (scale = alpha / dim; 0 = dim)", "network")
     network_args: tuple[str, ...] = _f((), "extra network options 'k=v', e.g. conv_dim=4 conv_alpha=1", "network")
     network_dropout: float | None = _f(None, "dropout on the LoRA down output", "network")
     network_weights: str = _f("", "start from this LoRA file", "network")

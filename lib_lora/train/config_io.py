@@ -41,6 +41,52 @@ IGNORED_KEYS = frozenset({
 })
 
 
+# More sd-scripts options, as kohya_ss GUI writes them into the --config_file it hands to sd-scripts (which ignores
+# keys it does not know). Each is accepted, with a note, while it holds a value under which it changes nothing here
+# (sd-scripts' default; `None` = any value: the option only bookkeeps, uploads or logs elsewhere, or matters only
+# together with a setting refused here); any other value would change the training in a way this trainer does
+# not do, so it is refused instead of silently ignored.
+NEUTRAL_WHEN: dict[str, tuple | None] = {
+    # bookkeeping, uploads, logging services, schedules of saves and samples by steps, compile settings
+    **dict.fromkeys((
+        "dynamo_backend", "epoch", "wandb_run_name", "wandb_api_key", "log_tracker_name", "log_tracker_config",
+        "log_config", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
+        "metadata_title", "huggingface_repo_id", "huggingface_token", "huggingface_repo_type",
+        "huggingface_repo_visibility", "huggingface_path_in_repo", "async_upload", "save_state_to_huggingface",
+        "resume_from_huggingface", "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps",
+        "save_last_n_steps_state", "save_state_on_train_end", "save_every_n_steps", "sample_every_n_steps",
+        "sample_at_first", "save_n_epoch_ratio", "disable_mmap_load_safetensors", "ddp_timeout",
+        "ddp_gradient_as_bucket_view", "ddp_static_graph", "lowvram", "skip_cache_check", "huber_c",
+        "huber_schedule", "multires_noise_discount",
+    ), None),
+    # loss, noise and schedule variants: only their off value
+    "loss_type": ("l2",), "min_timestep": (0, None), "max_timestep": (1000, None),
+    "multires_noise_iterations": (0, None), "noise_offset_type": ("Original",), "noise_offset_random_strength": (False,),
+    "adaptive_noise_scale": (0, None), "ip_noise_gamma": (0, None), "ip_noise_gamma_random_strength": (False,),
+    "debiased_estimation_loss": (False,), "scale_v_pred_loss_like_noise_pred": (False,), "v_pred_like_loss": (0, None),
+    "zero_terminal_snr": (False,), "masked_loss": (False,), "alpha_mask": (False,), "weighted_captions": (False,),
+    "scale_weight_norms": (0, None), "lr_scheduler_type": ("", None), "lr_scheduler_args": ((), "", None),
+    "lr_decay_steps": (0, None), "lr_scheduler_min_lr_ratio": (0, None), "lr_scheduler_timescale": (0, None),
+    "fp8_base": (False,), "fp8_base_unet": (False,), "dim_from_weights": (False,), "base_weights": ((), "", None),
+    "stop_text_encoder_training": (0, None), "token_warmup_min": (1,), "token_warmup_step": (0,),
+    "caption_prefix": ("", None), "caption_suffix": ("", None), "secondary_separator": ("", None),
+    "enable_wildcard": (False,), "caption_separator": (",",), "face_crop_aug_range": ("", None),
+    "loraplus_lr_ratio": (0, None), "loraplus_unet_lr_ratio": (0, None), "loraplus_text_encoder_lr_ratio": (0, None),
+    "dataset_config": ("", None),
+}
+
+
+def _is_neutral(key: str, value: Any) -> bool:
+    allowed = NEUTRAL_WHEN[key]
+    if allowed is None:
+        return True
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(value, str):
+        return value.strip().lower() in {str(a).lower() for a in allowed if isinstance(a, str)}
+    return any(value == a and type(value) is not str for a in allowed if not isinstance(a, str))
+
+
 def _migrate_v0(d: dict) -> dict:
     """Files without `config_version` (sd-scripts' own, hand-written): its deprecated optimizer switches."""
     if d.pop("use_8bit_adam", False):
@@ -193,10 +239,14 @@ def from_dict(d: Mapping[str, Any], notes: list[str] | None = None, base: TrainC
     """Build a config from a (possibly sectioned, possibly old) mapping; unknown keys raise BadInput."""
     flat = migrate(_flatten(d))
     names = set(field_names())
-    bad = sorted(k for k in flat if k not in names and k not in IGNORED_KEYS)
+    bad = sorted(k for k in flat if k not in names and k not in IGNORED_KEYS and k not in NEUTRAL_WHEN)
     if bad:
         raise BadInput(unknown_key_message(bad))
-    ignored = sorted(k for k in flat if k in IGNORED_KEYS)
+    unsupported = sorted(f"{k} = {flat[k]!r}" for k in flat if k in NEUTRAL_WHEN and not _is_neutral(k, flat[k]))
+    if unsupported:
+        raise BadInput(f"sd-scripts option(s) this trainer does not have: {', '.join(unsupported)} "
+                       "(remove them, or set them to sd-scripts' default)")
+    ignored = sorted(k for k in flat if k in IGNORED_KEYS or k in NEUTRAL_WHEN)
     if "save_model_as" in flat and str(flat["save_model_as"]).lower() != "safetensors":
         raise BadInput(f"save_model_as {flat['save_model_as']!r} is not supported: LoRA files are always .safetensors")
     if ignored and notes is not None:

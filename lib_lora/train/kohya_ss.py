@@ -30,7 +30,7 @@ LORA_TYPES = {"Standard": False, "Kohya LoCon": True, "LoCon": True, "LyCORIS/Lo
 
 # GUI keys consumed by the special rules below (never reported as ignored)
 _HANDLED = {"LoRA_type", "conv_dim", "conv_alpha", "lr_warmup", "lr_warmup_steps", "rank_dropout", "module_dropout",
-            "max_train_steps", "max_train_epochs", "epoch", "text_encoder_lr", "unet_lr", "sample_prompts"}
+            "max_train_steps", "max_train_epochs", "epoch", "text_encoder_lr", "unet_lr", "sample_prompts", "noise_offset_type"}
 # settings where 0 in the GUI means "off" and we use None
 _ZERO_IS_UNSET = {"max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "min_snr_gamma", "noise_offset",
                   "clip_skip", "network_dropout", "seed"}

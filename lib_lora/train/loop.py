@@ -29,7 +29,7 @@ from .events import (
 from .loss import add_noise, diffusion_loss, offset_noise, per_sample_mse, target_for
 from .metadata import activation_text, training_metadata
 from .netglue import build_network, load_weights, save_network
-from .optim import build_optimizer, current_lrs
+from .optim import build_optimizer, current_lrs, make_grad_scaler
 from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
@@ -108,7 +108,7 @@ class Run:
             if (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.dry_run:
                 yield Note("encoding every image once (cache_latents)" + (" to .npz files beside the images" if cfg.cache_latents_to_disk else ""))
                 encoder_id = str(getattr(self.backend, "vae_id", self.backend.arch))
-                self.data.cache_latents(self.backend.encode_images, encoder_id)
+                self.data.cache_latents(self._seeded_encoder(seed), encoder_id)
                 self.latents_cached = True
                 self._offload()
             self.text = TextConditioner(self.backend, self.data, cfg.clip_skip, cfg.max_token_length, self.train_te)
@@ -123,7 +123,7 @@ class Run:
             self.dist.broadcast_parameters(self.params)
             self.setup = build_optimizer(cfg, self.net.param_groups(unet_lr, te_lr), self.plan.total_steps)
             if self.amp_dtype is torch.float16:
-                self.scaler = torch.amp.GradScaler(self.device.type)
+                self.scaler = make_grad_scaler(self.device.type)
             if loaded:
                 self.net.load_kohya({k: v.to(self.device) for k, v in loaded.network.items()})
                 self.setup.optimizer.load_state_dict(loaded.optimizer)
@@ -164,6 +164,15 @@ class Run:
         call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
                         gradient_checkpointing=self.cfg.gradient_checkpointing, mixed_precision=self.cfg.mixed_precision)
         self.prepared = True
+
+    def _seeded_encoder(self, seed: int):
+        """The VAE for latent caching, sampling from a generator seeded with the run's seed: the same latents in
+        every run with this seed, in every process of a multi-GPU run, and in a resumed run (which caches again)."""
+        encode = self.backend.encode_images
+        if "generator" not in inspect.signature(encode).parameters:
+            return encode
+        gen = torch.Generator().manual_seed(seed)
+        return lambda pixels: encode(pixels, generator=gen)
 
     def _offload(self) -> None:
         """With every latent cached the VAE leaves the GPU (restore() brings it back)."""

@@ -131,6 +131,18 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict], total_steps: int) -> O
     return OptimizerSetup(optimizer, scheduler, f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else ""))
 
 
+def make_grad_scaler(device_type: str):
+    """The fp16 loss scaler for `device_type`, or None where this torch has none for it. `torch.amp.GradScaler`
+    only exists since torch 2.3; the webui ships torch 2.1, which has `torch.cuda.amp.GradScaler` (CUDA) and no CPU
+    scaler (its CPU autocast runs bf16 only, so fp16 there computes in fp32 and needs no scaling)."""
+    scaler_cls = getattr(torch.amp, "GradScaler", None)
+    if scaler_cls is not None:
+        return scaler_cls(device_type)
+    if device_type == "cuda":
+        return torch.cuda.amp.GradScaler()
+    return None
+
+
 def current_lrs(setup: OptimizerSetup) -> list[float]:
     """The lr of each group as the schedule reports it (Adafactor's computed step size, Prodigy's d * lr)."""
     lrs = [float(x) for x in setup.scheduler.get_last_lr()]

@@ -25,20 +25,22 @@ from .config import TrainConfig
 STATE_VERSION = 1
 STATE_FILE = "state.json"
 
-# settings whose change makes a resumed run differ from the uninterrupted one
-_EXACT_KEYS = (
-    "train_data_dir", "reg_data_dir", "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
-    "bucket_reso_steps", "bucket_no_upscale", "flip_aug", "color_aug", "random_crop", "shuffle_caption", "keep_tokens",
-    "caption_dropout_rate", "caption_tag_dropout_rate", "network_dim", "network_alpha", "network_args",
-    "optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler",
-    "lr_warmup_steps", "train_batch_size", "gradient_accumulation_steps", "max_train_epochs", "max_train_steps",
-    "min_snr_gamma", "noise_offset", "validation_split", "validation_data_dir",
-)
+# settings that never change the trained numbers: where and how often files are written, logging, previews, the
+# seed (a resumed run takes the state's), the starting weights (the state's replace them), gradient checkpointing
+# (the same arithmetic, recomputed: turning it on after an out-of-memory stop is a normal resume)
+_NOT_NUMERIC = frozenset({
+    "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_state", "resume", "training_comment",
+    "sample_every_n_epochs", "sample_prompts", "sample_sampler", "logging_dir", "log_with", "dry_run", "config_version",
+    "seed", "network_weights", "gradient_checkpointing",
+})
 
 
 def settings_digest(cfg: TrainConfig) -> str:
-    """A short hash of the settings that decide the numbers (not paths of outputs or logging)."""
-    values = {k: getattr(cfg, k) for k in _EXACT_KEYS}
+    """A short hash of every setting that decides the numbers (all but _NOT_NUMERIC), so a resume with changed
+    settings is noticed."""
+    from .config import field_names
+
+    values = {k: getattr(cfg, k) for k in field_names() if k not in _NOT_NUMERIC}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,13 @@ class Problem:
 
 # optimizer -> the module it needs (None: torch or transformers, always there)
 OPTIMIZER_PACKAGES = {"AdamW": None, "AdamW8bit": "bitsandbytes", "Adafactor": None, "Prodigy": "prodigyopt", "Lion": "lion_pytorch"}
+
+
+def _torch_without_cuda() -> bool:
+    """True when torch is loaded and sees no CUDA device. Without torch loaded (the tab at page load) nothing is
+    said here; the optimizer's own check speaks when the run starts."""
+    torch = sys.modules.get("torch")
+    return torch is not None and not torch.cuda.is_available()
 
 
 def _kv_problems(name: str, items: tuple[str, ...]) -> list[Problem]:
@@ -129,8 +137,8 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("network_module", f"{cfg.network_module!r} is not supported (use networks.lora; LoCon via conv_dim in network_args)")
     if cfg.network_dim < 1:
         add("network_dim", f"{cfg.network_dim} must be at least 1")
-    if not cfg.network_alpha > 0:
-        add("network_alpha", f"{cfg.network_alpha} must be above 0")
+    if not cfg.network_alpha >= 0:
+        add("network_alpha", f"{cfg.network_alpha} may not be negative (0 = network_dim, as in sd-scripts)")
     out += _kv_problems("network_args", cfg.network_args)
     if cfg.network_dropout is not None and not 0 <= cfg.network_dropout < 1:
         add("network_dropout", f"{cfg.network_dropout} is outside [0, 1)")
@@ -142,6 +150,8 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
     # optimizer and schedule
     if cfg.optimizer_type not in OPTIMIZERS:
         add("optimizer_type", f"{cfg.optimizer_type!r} is not one of {', '.join(OPTIMIZERS)}")
+    elif cfg.optimizer_type == "AdamW8bit" and _torch_without_cuda():
+        add("optimizer_type", "AdamW8bit needs an NVIDIA GPU (bitsandbytes runs on CUDA only); use AdamW on this machine")
     else:
         package = OPTIMIZER_PACKAGES[cfg.optimizer_type]
         if package and importlib.util.find_spec(package) is None:

@@ -4,6 +4,7 @@ a GPU machine: `python -m pytest -q tests/gpu`."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -85,3 +86,48 @@ def test_webui_fp16_model_on_cuda_trains_and_is_handed_back(tmp_path, data_dir):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
     assert _lora_changed(tmp_path / "out" / "webui-02.safetensors") > 0
+
+
+def test_pause_frees_the_gpu_and_continuing_gives_the_same_weights(tmp_path, sd1_diffusers_dir, data_dir):
+    """Pause hands the model back (VAE and text encoder on the GPU again for generation) and moves the LoRA and
+    the optimizer state to the CPU, so the GPU holds what it held before training; the run then continues to the
+    same weights as one that never paused. While training, the cached-latent VAE and the frozen text encoder are
+    off the GPU."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    from lib_lora.backends import load_backend
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.train.events import Done, Paused, StepEnd, TrainControl
+    from lib_lora.train.loop import train
+    from lib_lora.train.state import build_dataset
+
+    backend = load_backend(str(sd1_diffusers_dir), device=torch.device("cuda"))
+    cfg = TrainConfig(train_data_dir=str(data_dir), output_name="pause", resolution="64", network_dim=64,
+                      network_alpha=64.0, learning_rate=1e-3, train_batch_size=2, max_train_epochs=2, seed=1,
+                      cache_latents=True, network_train_unet_only=True, save_precision="fp32")
+
+    def run(folder, pause_at=None):
+        control, seen = TrainControl(), {}
+        run_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / folder))
+        for ev in train(run_cfg, backend, build_dataset(run_cfg), control):
+            if isinstance(ev, StepEnd) and ev.step == pause_at:
+                seen["vae"] = next(backend.vae.parameters()).device.type
+                seen["text"] = next(backend.text_encoders["te"].parameters()).device.type
+                seen["training"] = torch.cuda.memory_allocated()
+                control.pause()
+            elif isinstance(ev, Paused):
+                torch.cuda.synchronize()
+                seen["paused"] = torch.cuda.memory_allocated()
+                seen["vae paused"] = next(backend.vae.parameters()).device.type
+                control.unpause()
+        assert isinstance(ev, Done), ev
+        return load_file(str(tmp_path / folder / "pause.safetensors")), seen
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()  # the model alone, as the webui would hold it
+    expected, _ = run("plain")
+    got, seen = run("paused", pause_at=3)
+    assert seen["vae"] == "cpu" and seen["text"] == "cpu" and seen["vae paused"] == "cuda"
+    assert seen["paused"] <= base + 256 * 1024, (base, seen)  # LoRA + AdamW state (several MB) left the GPU
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

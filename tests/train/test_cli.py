@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lib_lora.cli import main
 from tests.fixtures.images import make_dataset
@@ -30,7 +31,8 @@ def _args(model, data, out, *extra):
 
 
 def test_cli_trains_and_prints_the_plan_first(tmp_path, sd1_diffusers_dir, data_dir, capsys):
-    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1"))
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                      "--save_state"))
     out = capsys.readouterr().out
     assert code == 0, out
     first = out.splitlines()[0]
@@ -40,7 +42,12 @@ def test_cli_trains_and_prints_the_plan_first(tmp_path, sd1_diffusers_dir, data_
 
     md = read_metadata(tmp_path / "out" / "cli-02.safetensors")
     assert md["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}' and md["ss_epoch"] == "2"
-    assert "done: 6 steps, 2 file(s)" in out
+    assert "done: 6 steps, 2 file(s)" in out and "resuming" not in out
+    # resuming says where it continues (here: the finished run's state, so nothing is left to do)
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+                      "--resume", str(tmp_path / "out" / "cli-state")))
+    out = capsys.readouterr().out
+    assert code == 0 and "resuming after step 6 of 6" in out and "done: 6 steps, 2 file(s)" in out
 
 
 def test_cli_lists_every_problem_before_loading(tmp_path, capsys):
@@ -67,29 +74,66 @@ def test_cli_config_file_and_output_config(tmp_path, capsys):
     assert main(["train", "--config_file", str(tmp_path / "run"), "--network_alpha", "6", "--output_config", str(tmp_path / "b.toml")]) == 0
     text = (tmp_path / "b.toml").read_text()
     assert "network_dim = 12" in text and "network_alpha = 6.0" in text and "flip_aug = true" in text
+    capsys.readouterr()
+    preset = tmp_path / "preset.json"  # a kohya_ss GUI preset: what it holds that we do not use is said
+    preset.write_text('{"LoRA_type": "Standard", "network_dim": 16, "scale_weight_norms": 1, "noise_offset_type": "Original"}')
+    assert main(["train", "--config_file", str(preset), "--output_config", str(tmp_path / "c.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "note: kohya_ss settings not used here: scale_weight_norms" in out
+    assert "network_dim = 16" in (tmp_path / "c.toml").read_text()
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch_on_cpu(tmp_path, sd1_diffusers_dir, data_dir):
+def test_two_process_accelerate_launch_on_cpu(tmp_path, sd1_diffusers_dir, capsys):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
+    data = make_dataset(tmp_path / "img", {"mychar": 2}, per_concept=4)  # 8 items, batch 2: 4 batches per epoch
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
+    common = ["--max_train_epochs", "2", "--save_every_n_epochs", "1", "--save_precision", "fp32"]
     # accelerate's --cpu runs one process unless MPI is set up; --multi_gpu starts torchrun's processes, which use
     # gloo on a machine without CUDA (what this test runs on)
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "lib_lora",
-           *_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
-                  "--save_state")]
+           *_args(sd1_diffusers_dir, data, tmp_path / "out", *common, "--save_state")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["cli-01.safetensors", "cli-02.safetensors"]
     assert sorted(p.name for p in out.glob("*-state")) == ["cli-01-state", "cli-state"]
     assert len(list((out / "logs").glob("*.csv"))) == 1
-    # 6 items, batch 2 -> 3 batches per epoch, shared by 2 processes -> 2 steps per epoch
+    # 4 batches per epoch shared by 2 processes -> 2 steps per epoch
     assert "2 steps per epoch x 2 epochs = 4 steps" in proc.stdout and proc.stdout.count("done: 4 steps") == 1
+    from safetensors.torch import load_file
+
     from lib_lora.network import read_metadata
 
     assert read_metadata(out / "cli-02.safetensors")["ss_total_batch_size"] == "4"
+    # data parallel = the averaged gradient of both processes' batches: one process accumulating the same two
+    # batches per step (batch i on process i % 2) computes the same weights
+    assert main(_args(sd1_diffusers_dir, data, tmp_path / "one", *common, "--gradient_accumulation_steps", "2")) == 0
+    capsys.readouterr()
+    two, one = load_file(str(out / "cli-02.safetensors")), load_file(str(tmp_path / "one" / "cli-02.safetensors"))
+    assert two.keys() == one.keys()
+    assert all(torch.allclose(two[k], one[k], rtol=1e-5, atol=1e-7) for k in two)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in two.items() if "lora_up" in k)
+
+
+def test_ctrl_c_once_stops_after_the_step_twice_at_once():
+    import signal
+
+    from lib_lora.cli.train import _install_interrupt
+    from lib_lora.train.events import TrainControl
+
+    control = TrainControl()
+    before = signal.getsignal(signal.SIGINT)
+    previous = _install_interrupt(control)
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert control.stop_requested  # the loop finishes its step, saves <name>-state and exits 130
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is before

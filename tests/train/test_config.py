@@ -92,6 +92,69 @@ def test_sd_scripts_only_options_become_notes():
         loads_toml("save_model_as = 'ckpt'\n")
 
 
+# the --config_file kohya_ss GUI writes for sd-scripts' train_network.py (key names from bmaltais/kohya_ss
+# kohya_gui/lora_gui.py; values are the GUI's defaults): sd-scripts ignores keys it does not know, so this holds some
+KOHYA_SS_TOML = """
+bucket_reso_steps = 64
+cache_latents = true
+caption_extension = ".txt"
+clip_skip = 2
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 10
+gradient_checkpointing = true
+huber_c = 0.1
+huber_schedule = "snr"
+learning_rate = 0.0001
+loss_type = "l2"
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 3
+lr_scheduler_power = 1
+max_bucket_reso = 2048
+max_data_loader_n_workers = 0
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 225
+max_train_epochs = 10
+min_bucket_reso = 256
+mixed_precision = "fp16"
+network_alpha = 8
+network_args = [ "conv_dim=4", "conv_alpha=1",]
+network_dim = 16
+network_module = "networks.lora"
+noise_offset_type = "Original"
+optimizer_type = "AdamW8bit"
+output_name = "mychar"
+resolution = "512,512"
+sample_sampler = "euler_a"
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "fp16"
+text_encoder_lr = 5e-5
+train_batch_size = 2
+unet_lr = 0.0005
+wandb_run_name = "mychar"
+xformers = true
+"""
+
+
+def test_kohya_ss_written_config_file_loads_and_says_what_it_ignores():
+    notes: list[str] = []
+    cfg = loads_toml(KOHYA_SS_TOML, notes)
+    assert cfg.network_dim == 16 and cfg.network_args == ("conv_dim=4", "conv_alpha=1") and cfg.max_train_epochs == 10
+    assert cfg.unet_lr == 5e-4 and cfg.max_token_length == 225 and cfg.lr_scheduler_num_cycles == 3
+    assert notes and all(k in notes[0] for k in ("loss_type", "max_timestep", "wandb_run_name", "epoch", "xformers"))
+    # set to something that would change the training, such an option is refused, not silently ignored
+    variants = {"loss_type": KOHYA_SS_TOML.replace('loss_type = "l2"', 'loss_type = "huber"'),
+                "max_timestep": KOHYA_SS_TOML.replace("max_timestep = 1000", "max_timestep = 900"),
+                "multires_noise_iterations": KOHYA_SS_TOML + "multires_noise_iterations = 6\n",
+                "dataset_config": KOHYA_SS_TOML + 'dataset_config = "d.toml"\n'}
+    for key, text in variants.items():
+        with pytest.raises(BadInput, match=f"does not have: {key} = "):
+            loads_toml(text)
+
+
 def test_wrong_types_name_the_setting():
     with pytest.raises(BadInput, match="network_dim"):
         loads_toml("network_dim = 'eight'\n")
@@ -137,7 +200,7 @@ def test_config_file_suffix_rule(tmp_path):
 KOHYA_PRESET = {
     "LoRA_type": "Kohya LoCon", "additional_parameters": "", "block_alphas": "", "bucket_no_upscale": True,
     "bucket_reso_steps": 64.0, "cache_latents": True, "cache_latents_to_disk": False, "caption_dropout_every_n_epochs": 0.0,
-    "caption_dropout_rate": 0, "caption_extension": ".txt", "clip_skip": "2", "color_aug": False, "conv_alpha": 1,
+    "caption_dropout_rate": 0, "caption_extension": ".txt", "clip_skip": "2", "color_aug": False, "conv_alpha": 4,
     "conv_dim": 8, "enable_bucket": True, "epoch": 10, "flip_aug": True, "full_fp16": False,
     "gradient_accumulation_steps": 1.0, "gradient_checkpointing": True, "keep_tokens": "1", "learning_rate": "0.0001",
     "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": "3", "lr_scheduler_power": "", "lr_warmup": "10",
@@ -159,7 +222,7 @@ def test_kohya_ss_preset_import(tmp_path):
     path.write_text(json.dumps(KOHYA_PRESET), encoding="utf-8")
     cfg = load_config_file(path, notes)
     assert cfg.network_dim == 32 and cfg.network_alpha == 16.0
-    assert cfg.network_args == ("conv_dim=8", "conv_alpha=1", "rank_dropout=0.1")
+    assert cfg.network_args == ("conv_dim=8", "conv_alpha=4", "rank_dropout=0.1")
     assert cfg.resolution == "768,768" and cfg.max_train_epochs == 10 and cfg.max_train_steps == 1600
     assert cfg.optimizer_type == "AdamW8bit" and cfg.optimizer_args == ("weight_decay=0.01", "betas=0.9,0.99")
     assert cfg.learning_rate == 1e-4 and cfg.unet_lr == 1e-4 and cfg.text_encoder_lr == 5e-5
@@ -172,6 +235,7 @@ def test_kohya_ss_preset_import(tmp_path):
     assert cfg.sample_prompts == ("a photo of mychar --w 512 --h 512", "mychar smiling --s 20")
     assert cfg.sample_every_n_epochs is None and cfg.output_name == "mychar"
     assert notes and "scale_weight_norms" in notes[0] and "xformers" not in notes[0]
+    assert "noise_offset_type" not in notes[0]  # "Original" is the offset noise we do
     # and it survives our own TOML
     assert loads_toml(dump_toml(cfg)) == cfg
 
@@ -257,3 +321,18 @@ def test_steps_from_folders(tmp_path):
     cfg = _good(tmp_path, max_train_epochs=2, train_batch_size=3)
     plan = plan_from_folders(cfg)  # 3 images x 10 + 3 x 5 = 45
     assert (plan.train_images, plan.repeated_images, plan.steps_per_epoch, plan.total_steps) == (6, 45, 15, 30)
+
+
+def test_validate_adamw8bit_without_cuda_says_so_before_anything_loads(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    problems = [p for p in validate(_good(tmp_path, optimizer_type="AdamW8bit")) if p.field == "optimizer_type"]
+    assert len(problems) == 1 and problems[0].severity == "error"
+    assert "NVIDIA GPU" in problems[0].message and "pip install" not in problems[0].message
+
+
+def test_validate_network_alpha_zero_means_dim_as_in_sd_scripts(tmp_path):
+    assert errors_of(validate(_good(tmp_path, network_alpha=0.0))) == []
+    assert {p.field for p in errors_of(validate(_good(tmp_path, network_alpha=-1.0)))} == {"network_alpha"}

@@ -285,6 +285,69 @@ def test_mixed_precision_runs_on_cpu(tmp_path, data_dir, backend, precision):
     assert isinstance(events[-1], Done) and steps and all(torch.isfinite(torch.tensor(e.loss)) for e in steps)
 
 
+def test_fp16_on_the_webuis_torch_without_torch_amp_gradscaler(tmp_path, data_dir, backend, monkeypatch):
+    monkeypatch.delattr(torch.amp, "GradScaler")  # torch 2.1, what the webui ships, has only torch.cuda.amp's
+    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision="fp16", save_state=True), backend)
+    assert isinstance(events[-1], Done) and (tmp_path / "out" / "tiny.safetensors").exists()
+
+
+def test_cached_latents_come_from_the_runs_seed_not_the_global_rng(tmp_path, data_dir, backend):
+    """cache_latents samples the VAE once; that sample must follow `seed` (a resumed run, another process of a
+    multi-GPU run or a second run with the same seed caches again and must get the same latents)."""
+    got = []
+    for i, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        _run(_cfg(tmp_path / str(i), data_dir, max_train_epochs=1), backend)
+        got.append(_weights(tmp_path / str(i) / "out" / "tiny.safetensors"))
+    assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+
+
+def test_vae_and_frozen_text_encoder_work_once_then_leave(tmp_path, data_dir, components):
+    """cache_latents: every image is encoded before the first step and the VAE is offloaded; a frozen text encoder
+    with fixed captions encodes each caption once and is offloaded; shuffled captions are encoded every step."""
+    from lib_lora.backends import DiffusersBackend
+
+    class Counting(DiffusersBackend):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.log = []
+
+        def encode_images(self, pixels, **kw):
+            self.log.append("vae")
+            return super().encode_images(pixels, **kw)
+
+        def encode_prompts(self, texts, *a, **kw):
+            self.log.append(("text", len(texts)))
+            return super().encode_prompts(texts, *a, **kw)
+
+        def predict(self, noisy, t, cond):
+            self.log.append("unet")
+            return super().predict(noisy, t, cond)
+
+        def offload_vae(self):
+            self.log.append("vae off")
+            super().offload_vae()
+
+        def offload_text_encoders(self):
+            self.log.append("text off")
+            super().offload_text_encoders()
+
+    def run(**kw):
+        backend = _backend(components, Counting)
+        events = _run(_cfg(tmp_path / str(len(kw)), data_dir, max_train_epochs=2, network_train_unet_only=True, **kw), backend)
+        assert isinstance(events[-1], Done)
+        first_step = backend.log.index("unet")
+        return backend.log[:first_step], backend.log[first_step:]
+
+    before, during = run()
+    assert "vae" in before and "vae off" in before and "vae" not in during and "vae off" not in during
+    assert ("text", 6) in before and "text off" in before  # 6 distinct captions, encoded in one call
+    assert not any(isinstance(x, tuple) for x in during) and during.count("unet") == 10
+    before, during = run(shuffle_caption=True)
+    texts = [x for x in before + during if isinstance(x, tuple)]
+    assert len(texts) == 10 and "text off" not in before + during  # one encode per step, the encoder stays
+
+
 def test_out_of_memory_is_a_message_with_remedies(tmp_path, data_dir, components):
     from lib_lora.backends import DiffusersBackend
 

@@ -95,3 +95,39 @@ def test_webui_model_trains_resumes_exactly_and_is_handed_back(tmp_path, data_di
     assert isinstance(resumed[-1], Done) and _same(before, _snapshot(model))
     got = load_file(str(tmp_path / "b" / "out" / "webui.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_engine_on_the_webui_path_imports_no_diffusers():
+    """What the tab runs (LdmBackend, network, dataset, loop, optimizers and schedules, config files) must not pull
+    diffusers in: the webui has none. Checked on the current stack, where diffusers is installed. (Adafactor is left
+    out: importing transformers.optimization takes seconds; it is transformers' own and imports no diffusers.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch\n"
+        "from lib_lora.backends import LdmBackend\n"
+        "import lib_lora.network, lib_lora.dataset, lib_lora.train.loop, lib_lora.train.dryrun, lib_lora.train.kohya_ss\n"
+        "from lib_lora.train.config import TrainConfig, OPTIMIZERS, SCHEDULERS\n"
+        "from lib_lora.train.config_io import dump_toml, loads_toml\n"
+        "from lib_lora.train.optim import build_optimizer\n"
+        "from lib_lora.train.validate import validate\n"
+        "import importlib.util\n"
+        "for opt in OPTIMIZERS:\n"
+        "    if opt in ('AdamW8bit', 'Adafactor') or (opt == 'Prodigy' and not importlib.util.find_spec('prodigyopt'))"
+        " or (opt == 'Lion' and not importlib.util.find_spec('lion_pytorch')):\n"
+        "        continue\n"
+        "    for sched in SCHEDULERS:\n"
+        "        if sched == 'adafactor':\n"
+        "            continue\n"
+        "        p = torch.nn.Parameter(torch.zeros(2))\n"
+        "        build_optimizer(TrainConfig(optimizer_type=opt, lr_scheduler=sched), [{'params': [p], 'lr': 1e-4}], 10)\n"
+        "loads_toml(dump_toml(TrainConfig()))\n"
+        "validate(TrainConfig(), need_model_path=False)\n"
+        "bad = [m for m in sys.modules if m == 'diffusers' or m.startswith('diffusers.')]\n"
+        "assert not bad, bad[:5]\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]

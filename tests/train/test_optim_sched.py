@@ -9,7 +9,7 @@ import torch
 
 from lib_lora.errors import BadInput
 from lib_lora.train.config import TrainConfig
-from lib_lora.train.optim import build_optimizer, current_lrs, parse_kv_args
+from lib_lora.train.optim import build_optimizer, current_lrs, make_grad_scaler, parse_kv_args
 from lib_lora.train.sched import build_scheduler, warmup_steps
 
 
@@ -172,3 +172,16 @@ def test_adamw_uses_the_fused_kernel_when_torch_has_it():
     assert losses[-1] < losses[0]
     explicit, _ = _train(TrainConfig(optimizer_type="AdamW", learning_rate=1e-2, optimizer_args=("foreach=True",)), steps=1)
     assert not explicit.optimizer.defaults.get("fused")
+
+
+def test_grad_scaler_on_this_torch_and_on_the_webuis_torch_2_1(monkeypatch):
+    assert type(make_grad_scaler("cpu")).__name__ == "GradScaler"
+    # torch 2.1 (the webui's) has no torch.amp.GradScaler: CUDA gets torch.cuda.amp's, the CPU runs without one
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch warns that torch.cuda.amp.GradScaler is deprecated
+        cuda = make_grad_scaler("cuda")
+    assert isinstance(cuda, torch.cuda.amp.GradScaler)
+    assert make_grad_scaler("cpu") is None

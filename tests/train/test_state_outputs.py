@@ -20,7 +20,7 @@ from lib_lora.train.metadata import activation_text, base_model_version, trainin
 from lib_lora.train.outputs import LossLog, epoch_file, state_dir, step_file
 from lib_lora.train.prompts import parse_prompt
 from lib_lora.train.sched import build_scheduler
-from lib_lora.train.state import TrainState, load_state, resolve_seed, save_state
+from lib_lora.train.state import TrainState, load_state, resolve_seed, save_state, settings_digest
 
 
 def _optimizer_with_state():
@@ -71,6 +71,18 @@ def test_resolve_seed(tmp_path):
     assert isinstance(a.seed, int) and isinstance(b.seed, int) and 0 <= a.seed < 2**31
     (tmp_path / "state.json").write_text(TrainState(seed=77, total_steps=3).to_json())
     assert resolve_seed(TrainConfig(seed=1, resume=str(tmp_path))).seed == 77
+
+
+def test_settings_digest_sees_what_changes_the_numbers():
+    base = TrainConfig(output_dir="/a", seed=1)
+    same = dataclasses.replace(base, output_dir="/b", output_name="x", save_every_n_epochs=2, sample_every_n_epochs=1,
+                               seed=None, gradient_checkpointing=True, logging_dir="/l", save_precision="fp32")
+    assert settings_digest(same) == settings_digest(base)
+    for change in (dict(clip_skip=2), dict(max_token_length=150), dict(keep_tokens_separator="|||"),
+                   dict(mixed_precision="bf16"), dict(network_dropout=0.1), dict(lr_scheduler_num_cycles=3),
+                   dict(max_grad_norm=0.5), dict(prior_loss_weight=0.5), dict(caption_dropout_every_n_epochs=2),
+                   dict(network_dim=8), dict(learning_rate=3e-4), dict(cache_latents=True), dict(train_batch_size=2)):
+        assert settings_digest(dataclasses.replace(base, **change)) != settings_digest(base), change
 
 
 def test_step_seed_is_stable_and_distinct():
