@@ -27,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 
 # the SD1.5 UNet (runwayml/stable-diffusion-v1-5 unet/config.json)
 SD15_UNET = dict(
@@ -37,12 +38,15 @@ SD15_UNET = dict(
 )
 # the same layout (blocks, resnets, transformers, the 192 LoRA targets) with tiny channels: per-op overhead only
 PROXY_UNET = dict(SD15_UNET, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, norm_num_groups=8)
-# operators that, called with no aten operator below them, only make a view or an empty tensor (no kernel)
+# operators that launch no kernel of their own: views, empty tensors, no-op conversions (a kernel below them, as in
+# aten::_to_copy -> aten::copy_, is counted there)
 _NO_KERNEL = frozenset(f"aten::{n}" for n in (
-    "view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "expand_as", "unsqueeze", "squeeze",
-    "select", "slice", "narrow", "split", "split_with_sizes", "chunk", "unbind", "reshape", "_reshape_alias", "view_as",
-    "flatten", "unflatten", "detach", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "resize_",
-    "contiguous", "to", "type_as", "result_type", "broadcast_tensors",
+    "view", "_unsafe_view", "as_strided", "as_strided_", "t", "transpose", "permute", "expand", "expand_as",
+    "unsqueeze", "squeeze", "select", "slice", "narrow", "split", "split_with_sizes", "chunk", "unbind", "reshape",
+    "_reshape_alias", "view_as", "flatten", "unflatten", "detach", "detach_", "alias", "lift_fresh", "empty",
+    "empty_strided", "empty_like", "resize_", "resize_as_", "contiguous", "to", "_to_copy", "type_as", "result_type",
+    "broadcast_tensors", "resolve_conj", "resolve_neg", "conj", "_nnpack_available", "is_same_size", "dropout",
+    "item", "matmul", "linear",
 ))
 
 
@@ -168,14 +172,30 @@ def aten_events(prof) -> list:
 
 
 def count_ops(prof) -> tuple[int, int]:
-    """(aten operator calls, of which leaves that run a kernel) in a finished torch.profiler run. Nested calls count
-    (aten::linear and the aten::addmm inside it are two calls: both cost CPU time); a leaf is a call with no aten call
-    below it that is not a view / empty tensor, i.e. roughly one kernel launch on a GPU."""
+    """(aten operator calls, of which kernel launches) in a finished torch.profiler run. Nested calls count as calls
+    (aten::linear and the aten::mm inside it are two: both cost CPU time); a kernel launch is a call that is not a
+    view / empty tensor / no-op conversion and has no such call below it, or a multi-tensor operator: roughly what
+    launches one kernel on a GPU (a CPU build runs some operators differently, so this is an estimate)."""
     events = aten_events(prof)
-    leaves = sum(1 for e in events if e.name not in _NO_KERNEL and (
-        e.name.startswith(("aten::_foreach_", "aten::_fused_"))
-        or not any(c.name.startswith("aten::") for c in e.cpu_children)))
-    return len(events), leaves
+    kernel: dict[int, bool] = {}
+    inside: dict[int, bool] = {}
+
+    def has_kernel_below(e) -> bool:
+        key = id(e)
+        if key not in inside:
+            inside[key] = any(is_kernel(c) or has_kernel_below(c) for c in e.cpu_children if c.name.startswith("aten::"))
+        return inside[key]
+
+    def is_kernel(e) -> bool:
+        key = id(e)
+        if key not in kernel:
+            if e.name.startswith(("aten::_foreach_", "aten::_fused_")):
+                kernel[key] = True
+            else:
+                kernel[key] = e.name not in _NO_KERNEL and not has_kernel_below(e)
+        return kernel[key]
+
+    return len(events), sum(1 for e in events if is_kernel(e))
 
 
 def _profiler():
@@ -220,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.config import TrainConfig
     from ..train.events import Continued, Paused, Started, StepEnd, TrainControl
     from ..train.loop import train
-    from ..train.netglue import network_config
+    from ..train.netglue import build_network, network_config
 
     device = pick_device(args.device)
     if args.threads:
@@ -237,25 +257,33 @@ def run(args: argparse.Namespace) -> int:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     count = not args.no_op_count
 
-    def bare_pass() -> tuple[float, float]:
-        """The UNet alone (no LoRA): forward, and backward to its input (there is no weight to train)."""
+    def bare_pass(net=None) -> tuple[float, float]:
+        """The UNet alone (or with `net` attached, its weights cast as the loop casts them): forward, and backward to
+        its input (there is no weight to train)."""
         x_in = x.clone().requires_grad_(True)
         sync()
         began, began_cpu = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-            out = unet(x_in, t, encoder_hidden_states=cond).sample
+            with net.cast_weights(amp) if net is not None else nullcontext():
+                out = unet(x_in, t, encoder_hidden_states=cond).sample
         torch.autograd.grad(out.float().mean(), x_in)
         sync()
         return time.perf_counter() - began, time.process_time() - began_cpu
 
-    def counted_pass() -> tuple[int, int]:
+    def lora_pass() -> tuple[float, float]:
+        """The bare pass with a LoRA like the loop's attached: what the LoRA costs without the loop around it."""
+        with lora_net.inject():
+            return bare_pass(lora_net)
+
+    def counted(fn) -> tuple[int, int]:
         with _profiler() as prof:
-            bare_pass()
+            fn()
         return count_ops(prof)
 
     # Training steps of the real loop, each followed by a pause (which hands the UNet back without LoRA) in which
-    # one bare pass runs: both are measured in turns, under the same conditions (other load on the machine, caches).
-    # One more step at the end runs under torch.profiler, with a bare and a LoRA pass, to count operator calls.
+    # one bare pass and one pass with an equal LoRA attached run: all three are measured in turns, under the same
+    # conditions (other load on the machine, caches). One more step at the end runs under torch.profiler, with a bare
+    # and a LoRA pass, to count operator calls.
     backend = _BenchBackend(unet, cond, device)
     control = TrainControl()
     bare, bare_cpu, steps, steps_cpu, lora, lora_cpu = [], [], [], [], [], []
@@ -267,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
                           network_train_unet_only=True, max_train_steps=timed_end + int(count), seed=0,
                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                           train_batch_size=args.batch, train_data_dir=out_dir)
+        lora_net = build_network(cfg, backend).to(device)
         resumed = resumed_cpu = None
         for ev in train(cfg, backend, _LatentData(x, args.batch), control):
             if isinstance(ev, (Started, Continued)):
@@ -280,22 +309,20 @@ def run(args: argparse.Namespace) -> int:
                 if prof is not None:
                     prof.__exit__(None, None, None)
                     ops["step"], prof = count_ops(prof), None
-                    ops["lora"] = counted_pass()  # the LoRA is still attached here
                 elif ev.step > args.warmup:
                     steps.append(time.perf_counter() - resumed)
                     steps_cpu.append(time.process_time() - resumed_cpu)
-                    wall, cpu = bare_pass()  # the LoRA is attached here; grads go to the input only
-                    lora.append(wall)
-                    lora_cpu.append(cpu)
                 control.pause()
-            elif isinstance(ev, Paused):
+            elif isinstance(ev, Paused):  # the UNet is handed back without the loop's LoRA
                 if count and ev.step > timed_end:
-                    ops["bare"] = counted_pass()
+                    ops["bare"], ops["lora"] = counted(bare_pass), counted(lora_pass)
                 else:
-                    wall, cpu = bare_pass()
+                    (wall, cpu), (lwall, lcpu) = bare_pass(), lora_pass()
                     if ev.step > args.warmup:
                         bare.append(wall)
                         bare_cpu.append(cpu)
+                        lora.append(lwall)
+                        lora_cpu.append(lcpu)
                 control.unpause()
     modules = sum(1 for name, _ in backend.lora_targets(network_config(cfg)))
     bare_s, step_s = statistics.median(bare), statistics.median(steps)
