@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import io
 import pstats
@@ -50,6 +51,7 @@ def main() -> int:
     from lib_lora.train.config import TrainConfig
     from lib_lora.train.events import StepEnd
     from lib_lora.train.loop import train
+    from lib_lora.train.netglue import build_network
 
     device = torch.device(args.device)
     if args.threads:
@@ -65,23 +67,26 @@ def main() -> int:
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
-    def passes(n: int):
+    def passes(n: int, net=None):
         """n forward+backward passes to the input, as the bench's bare / with-LoRA figures."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(n):
                 x_in = x.clone().requires_grad_(True)
                 with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-                    out = unet(x_in, t, encoder_hidden_states=cond).sample
+                    with net.cast_weights(amp) if net is not None else contextlib.nullcontext():
+                        out = unet(x_in, t, encoder_hidden_states=cond).sample
                 torch.autograd.grad(out.float().mean(), x_in)
         return prof
 
     bare = passes(args.steps)
     profiler = cProfile.Profile()
-    lora = None
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(output_dir=out_dir, output_name="prof", network_dim=args.dim, network_alpha=float(args.dim),
                           network_train_unet_only=True, max_train_steps=args.warmup + args.steps, seed=0,
                           mixed_precision=args.mixed_precision, train_batch_size=1, train_data_dir=out_dir)
+        lora_net = build_network(cfg, backend).to(device)
+        with lora_net.inject():  # the LoRA alone, as the loop attaches it
+            lora = passes(args.steps, lora_net)
         torch_prof = None
         for ev in train(cfg, backend, _LatentData(x, 1), None):
             if isinstance(ev, StepEnd) and ev.step == args.warmup:
@@ -91,7 +96,6 @@ def main() -> int:
             elif isinstance(ev, StepEnd) and ev.step == args.warmup + args.steps:
                 profiler.disable()
                 torch_prof.__exit__(None, None, None)
-                lora = passes(args.steps)  # the LoRA is still attached until the generator ends
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(args.rows)
     print(stream.getvalue())

@@ -56,6 +56,7 @@ class LoraNetwork(nn.Module):
         super().__init__()
         self.cfg = cfg or NetworkConfig()
         self._patches: list[ForwardPatch] = []
+        self._matmul_loras: list[LoraModule] | None = None
         self._applied = False
         self._mha_before = mha_before
         for name, module in targets:
@@ -171,7 +172,12 @@ class LoraNetwork(nn.Module):
         another), instead of autocast casting each weight when it is used: two kernel launches per step instead of
         four per LoRA module, which is what a GPU step at batch 1 waits for. The values are those autocast would
         use. A no-op for float32 / None, outside autocast, or where torch lacks the multi-tensor copy."""
-        loras = [lora for lora in self.loras() if lora.part is None] if dtype not in (None, torch.float32) else []
+        if dtype in (None, torch.float32):
+            yield self
+            return
+        if self._matmul_loras is None:  # the modules never change after construction: listed once, not per step
+            self._matmul_loras = [lora for lora in self.loras() if lora.part is None]
+        loras = self._matmul_loras
         weights = [w for lora in loras for w in (lora.lora_down.weight, lora.lora_up.weight)]
         cast = cast_together(weights, dtype) if weights and all(w.dtype == torch.float32 for w in weights) else None
         if cast is None:
