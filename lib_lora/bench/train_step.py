@@ -1,12 +1,22 @@
 """`python -m lib_lora bench train`: how much a training step costs beyond the UNet's own forward + backward.
 
-An SD1.5-sized UNet (the SD1.5 diffusers config, random weights: nothing downloaded). Two timings, taken in turns:
+An SD1.5-sized UNet (the SD1.5 diffusers config, random weights: nothing downloaded). Three timings, taken in turns:
 - step: one optimizer step of the real training loop (`lib_lora.train.train`) with a LoRA of `--dim` on the
   UNet's attention layers, on cached latents: data, noise, LoRA forward, loss, backward, grad clipping, AdamW,
   schedule, events;
 - bare: the UNet alone, forward and backward to its input, run while the loop is paused (pause hands the UNet
-  back without LoRA), so both see the same machine conditions.
+  back without LoRA), so both see the same machine conditions;
+- with the LoRA: the bare pass with the LoRA attached, which splits the LoRA's cost from the loop's.
 The ratio step / bare is what LoRA and the loop add (target <= 1.10 on CPU at dim 16, 32x32 latents).
+
+Under fp16/bf16 mixed precision on a GPU the base UNet is held in that dtype, as the CLI loads it (an fp32 base
+under autocast re-casts every frozen weight on every forward, which no real run does).
+
+On a GPU at batch 1 an SD1.5 step is bound by the CPU launching kernels, not by the GPU computing them, so the
+number of aten operator calls per pass (counted with torch.profiler after the timed steps) predicts the GPU's
+time better than a CPU timing does; it is the same on any machine. `--proxy` runs the SD1.5 layout (same blocks,
+attention layers and LoRA modules) with tiny channel counts, so compute is negligible and the per-operator
+overhead dominates on the CPU as it does on a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 
 # the SD1.5 UNet (runwayml/stable-diffusion-v1-5 unet/config.json)
 SD15_UNET = dict(
@@ -25,17 +36,38 @@ SD15_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
 )
+# the same layout (blocks, resnets, transformers, the 192 LoRA targets) with tiny channels: per-op overhead only
+PROXY_UNET = dict(SD15_UNET, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, norm_num_groups=8)
+# operators that launch no kernel of their own: views, empty tensors, no-op conversions (a kernel below them, as in
+# aten::_to_copy -> aten::copy_, is counted there)
+_NO_KERNEL = frozenset(f"aten::{n}" for n in (
+    "view", "_unsafe_view", "as_strided", "as_strided_", "t", "transpose", "permute", "expand", "expand_as",
+    "unsqueeze", "squeeze", "select", "slice", "narrow", "split", "split_with_sizes", "chunk", "unbind", "reshape",
+    "_reshape_alias", "view_as", "flatten", "unflatten", "detach", "detach_", "alias", "lift_fresh", "empty",
+    "empty_strided", "empty_like", "resize_", "resize_as_", "contiguous", "to", "_to_copy", "type_as", "result_type",
+    "broadcast_tensors", "resolve_conj", "resolve_neg", "conj", "_nnpack_available", "is_same_size", "dropout",
+    "item", "matmul", "linear",
+))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px images)")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default 32 = 256 px images; 8 with --proxy)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--base_dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="dtype of the frozen UNet; auto = as the CLI loads it (the mixed precision dtype on a GPU, "
+                             "else fp32)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="the SD1.5 layout with tiny channels (32/32/64/64, context 32): per-operator overhead only, "
+                             "a CPU stand-in for a launch-bound GPU step")
+    parser.add_argument("--no_op_count", action="store_true", help="skip counting aten calls (torch.profiler)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 gives steadier CPU times on a busy machine)")
 
 
 class _BenchBackend:
@@ -44,7 +76,7 @@ class _BenchBackend:
     def __init__(self, unet, cond, device):
         import torch
 
-        self.unet, self.cond, self.device = unet, cond, device
+        self.unet, self.cond, self.device = unet, cond, device  # cond: float32, as a backend hands it to the UNet
         self.arch, self.prediction_type = "sd1", "epsilon"
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled_linear
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
@@ -58,7 +90,8 @@ class _BenchBackend:
         return Cond(self.cond[: len(texts)])
 
     def predict(self, noisy, t, cond):
-        return self.unet(noisy, t, encoder_hidden_states=cond.crossattn).sample
+        # as the real backends do: float32 inputs (autocast casts them), a float32 prediction
+        return self.unet(noisy, t, encoder_hidden_states=cond.crossattn).sample.float()
 
     def lora_targets(self, cfg):
         from ..network import unet_targets
@@ -123,66 +156,173 @@ def _peak(device) -> tuple[float, str]:
     return _rss_peak_bytes() / 2**30, "process RSS"
 
 
-def run(args: argparse.Namespace) -> int:
+def _under_multi_tensor_op(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(("aten::_foreach_", "aten::_fused_")):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def aten_events(prof) -> list:
+    """The aten operator calls of a finished torch.profiler run, less those inside a multi-tensor (`_foreach_*`,
+    `_fused_*`) operator: on a CPU those fall back to one call per tensor, on a GPU they are one kernel."""
+    return [e for e in prof.events() if e.name.startswith("aten::") and not _under_multi_tensor_op(e)]
+
+
+def count_ops(prof) -> tuple[int, int]:
+    """(aten operator calls, of which kernel launches) in a finished torch.profiler run. Nested calls count as calls
+    (aten::linear and the aten::mm inside it are two: both cost CPU time); a kernel launch is a call that is not a
+    view / empty tensor / no-op conversion and has no such call below it, or a multi-tensor operator: roughly what
+    launches one kernel on a GPU (a CPU build runs some operators differently, so this is an estimate)."""
+    events = aten_events(prof)
+    kernel: dict[int, bool] = {}
+    inside: dict[int, bool] = {}
+
+    def has_kernel_below(e) -> bool:
+        key = id(e)
+        if key not in inside:
+            inside[key] = any(is_kernel(c) or has_kernel_below(c) for c in e.cpu_children if c.name.startswith("aten::"))
+        return inside[key]
+
+    def is_kernel(e) -> bool:
+        key = id(e)
+        if key not in kernel:
+            if e.name.startswith(("aten::_foreach_", "aten::_fused_")):
+                kernel[key] = True
+            else:
+                kernel[key] = e.name not in _NO_KERNEL and not has_kernel_below(e)
+        return kernel[key]
+
+    return len(events), sum(1 for e in events if is_kernel(e))
+
+
+def _profiler():
+    import torch
+
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def build_unet(args: argparse.Namespace, device):
+    """The benchmark's UNet (random weights, frozen, eval) in the dtype `--base_dtype` asks for, and its layout."""
     import torch
     from diffusers import UNet2DConditionModel
+
+    layout = PROXY_UNET if args.proxy else SD15_UNET
+    unet = UNet2DConditionModel(**layout).to(device, base_dtype(args, device)).eval().requires_grad_(False)
+    return unet, layout
+
+
+def base_dtype(args: argparse.Namespace, device):
+    """The frozen UNet's dtype: what the CLI loads (fp16/bf16 on a GPU under that mixed precision), or as asked."""
+    import torch
+
+    named = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if args.base_dtype != "auto":
+        return named[args.base_dtype]
+    if device.type == "cuda" and args.mixed_precision in ("fp16", "bf16"):
+        return named[args.mixed_precision]
+    return torch.float32
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
 
     from ..train.config import TrainConfig
     from ..train.events import Continued, Paused, Started, StepEnd, TrainControl
     from ..train.loop import train
-    from ..train.netglue import network_config
+    from ..train.netglue import build_network, network_config
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    latent = args.latent or (8 if args.proxy else 32)
     torch.manual_seed(0)
-    print(f"building an SD1.5-sized UNet (random weights) on {device} ...", flush=True)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device).eval().requires_grad_(False)
+    print(f"building an SD1.5-{'layout proxy' if args.proxy else 'sized'} UNet (random weights) on {device} ...", flush=True)
+    unet, layout = build_unet(args, device)
     params = sum(p.numel() for p in unet.parameters())
-    x = torch.randn(args.batch, 4, args.latent, args.latent, device=device)
-    cond = torch.randn(args.batch, 77, 768, device=device)
+    x = torch.randn(args.batch, 4, latent, latent, device=device)
+    cond = torch.randn(args.batch, 77, layout["cross_attention_dim"], device=device)
     t = torch.full((args.batch,), 500, device=device)
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    count = not args.no_op_count
 
-    def bare_pass() -> tuple[float, float]:
-        """The UNet alone (no LoRA): forward, and backward to its input (there is no weight to train)."""
+    def bare_pass(net=None) -> tuple[float, float]:
+        """The UNet alone (or with `net` attached, its weights cast as the loop casts them): forward, and backward to
+        its input (there is no weight to train)."""
         x_in = x.clone().requires_grad_(True)
         sync()
         began, began_cpu = time.perf_counter(), time.process_time()
         with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-            out = unet(x_in, t, encoder_hidden_states=cond).sample
+            with net.cast_weights(amp) if net is not None else nullcontext():
+                out = unet(x_in, t, encoder_hidden_states=cond).sample
         torch.autograd.grad(out.float().mean(), x_in)
         sync()
         return time.perf_counter() - began, time.process_time() - began_cpu
 
+    def lora_pass() -> tuple[float, float]:
+        """The bare pass with a LoRA like the loop's attached: what the LoRA costs without the loop around it."""
+        with lora_net.inject():
+            return bare_pass(lora_net)
+
+    def counted(fn) -> tuple[int, int]:
+        with _profiler() as prof:
+            fn()
+        return count_ops(prof)
+
     # Training steps of the real loop, each followed by a pause (which hands the UNet back without LoRA) in which
-    # one bare pass runs: both are measured in turns, under the same conditions (other load on the machine, caches).
+    # one bare pass and one pass with an equal LoRA attached run: all three are measured in turns, under the same
+    # conditions (other load on the machine, caches). One more step at the end runs under torch.profiler, with a bare
+    # and a LoRA pass, to count operator calls.
     backend = _BenchBackend(unet, cond, device)
     control = TrainControl()
     bare, bare_cpu, steps, steps_cpu, lora, lora_cpu = [], [], [], [], [], []
+    timed_end = args.warmup + args.steps
+    ops: dict[str, tuple[int, int]] = {}
+    prof = None
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(output_dir=out_dir, output_name="bench", network_dim=args.dim, network_alpha=float(args.dim),
-                          network_train_unet_only=True, max_train_steps=args.warmup + args.steps, seed=0,
+                          network_train_unet_only=True, max_train_steps=timed_end + int(count), seed=0,
                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                           train_batch_size=args.batch, train_data_dir=out_dir)
+        lora_net = build_network(cfg, backend).to(device)
         resumed = resumed_cpu = None
         for ev in train(cfg, backend, _LatentData(x, args.batch), control):
             if isinstance(ev, (Started, Continued)):
+                if count and (ev.start_step if isinstance(ev, Started) else ev.step) == timed_end:
+                    prof = _profiler()
+                    prof.__enter__()
                 sync()
                 resumed, resumed_cpu = time.perf_counter(), time.process_time()
             elif isinstance(ev, StepEnd):
                 sync()
-                if ev.step > args.warmup:
+                if prof is not None:
+                    prof.__exit__(None, None, None)
+                    ops["step"], prof = count_ops(prof), None
+                elif ev.step > args.warmup:
                     steps.append(time.perf_counter() - resumed)
                     steps_cpu.append(time.process_time() - resumed_cpu)
-                    wall, cpu = bare_pass()  # the LoRA is attached here; grads go to the input only
-                    lora.append(wall)
-                    lora_cpu.append(cpu)
                 control.pause()
-            elif isinstance(ev, Paused):
-                wall, cpu = bare_pass()
-                if ev.step > args.warmup:
-                    bare.append(wall)
-                    bare_cpu.append(cpu)
+            elif isinstance(ev, Paused):  # the UNet is handed back without the loop's LoRA
+                if count and ev.step > timed_end:
+                    ops["bare"], ops["lora"] = counted(bare_pass), counted(lora_pass)
+                else:
+                    (wall, cpu), (lwall, lcpu) = bare_pass(), lora_pass()
+                    if ev.step > args.warmup:
+                        bare.append(wall)
+                        bare_cpu.append(cpu)
+                        lora.append(lwall)
+                        lora_cpu.append(lcpu)
                 control.unpause()
     modules = sum(1 for name, _ in backend.lora_targets(network_config(cfg)))
     bare_s, step_s = statistics.median(bare), statistics.median(steps)
@@ -190,8 +330,9 @@ def run(args: argparse.Namespace) -> int:
     lora_s, lora_c = statistics.median(lora), statistics.median(lora_cpu)
     peak, kind = _peak(device)
     print(f"machine: {_machine(device)}")
-    print(f"UNet {params / 1e6:.0f}M params, LoRA dim {args.dim} on {modules} modules, batch {args.batch}, "
-          f"latents {args.latent}x{args.latent}, mixed_precision {args.mixed_precision}, "
+    print(f"UNet {params / 1e6:.1f}M params ({'proxy: SD1.5 layout, tiny channels' if args.proxy else 'SD1.5'}, "
+          f"{str(base_dtype(args, device)).replace('torch.', '')}), LoRA dim {args.dim} on {modules} modules, "
+          f"batch {args.batch}, latents {latent}x{latent}, mixed_precision {args.mixed_precision}, "
           f"gradient_checkpointing {args.gradient_checkpointing}")
     print(f"bare forward+backward: {bare_s:.3f} s (median of {len(bare)}; the UNet alone, no LoRA)")
     print(f"same with the LoRA:    {lora_s:.3f} s (forward, backward to the input)")
@@ -200,5 +341,11 @@ def run(args: argparse.Namespace) -> int:
           f"({bare_c:.3f} s vs {step_c:.3f} s; CPU time is less sensitive to other load on the machine)")
     print(f"of which the LoRA:     {lora_s / bare_s:.3f} wall, {lora_c / bare_c:.3f} CPU; the loop around it: "
           f"{step_s / lora_s:.3f} wall, {step_c / lora_c:.3f} CPU")
+    if ops:
+        (b, bk), (w, wk), (st, sk) = ops["bare"], ops["lora"], ops["step"]
+        print(f"aten calls per pass:   bare {b}, with the LoRA {w} (+{w - b}), step {st} (+{st - b}); "
+              f"step / bare {st / b:.3f}")
+        print(f"kernel-running leaves: bare {bk}, with the LoRA {wk} (+{wk - bk}), step {sk} (+{sk - bk}); "
+              f"step / bare {sk / bk:.3f} (about one GPU launch each)")
     print(f"peak memory:           {peak:.2f} GiB ({kind})")
     return 0

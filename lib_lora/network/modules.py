@@ -54,6 +54,8 @@ class LoraModule(nn.Module):
         weight = _reference_weight(target, part)
         device = weight.device if weight.device.type != "meta" else None
         kw = dict(bias=False, device=device, dtype=dtype)
+        # autocast runs nn.Linear / nn.Conv2d in its lower dtype: their input may be cast once for layer and LoRA
+        self._autocast_input = part is None and isinstance(target, (nn.Linear, nn.Conv2d))
         if isinstance(target, nn.Conv2d) and part is None:
             if target.groups != 1:
                 raise ValueError(f"{name}: grouped convolutions are not supported")
@@ -71,33 +73,94 @@ class LoraModule(nn.Module):
         nn.init.zeros_(self.lora_up.weight)  # a fresh network changes nothing
         self.register_buffer("alpha", torch.tensor(float(alpha) if alpha else float(self.rank), dtype=torch.float32,
                                                    device=device))
+        self._cast: tuple | None = None  # (dtype, down, up) while LoraNetwork.cast_weights is active
+        self._alpha_ref: torch.Tensor | None = None
+        self._alpha_version: int | None = None
+        self._alpha_value = 0.0
+        self.sync_scale()
 
     @property
     def target(self) -> nn.Module:
         return self._target[0]
 
+    # ------------------------------------------------------------------------------ alpha as a Python float
+    # alpha / rank is read on every forward. Reading it from the buffer (`float(alpha)`) would be a device sync on a
+    # GPU and `alpha * (m / r)` two more kernels per call, so the value is kept as a float, refreshed whenever the
+    # buffer is written (load_state_dict, load_kohya) or replaced; `_scale()` also notices any other in-place write
+    # through the tensor's version counter, a Python attribute read.
+    def sync_scale(self) -> None:
+        """Re-read alpha from the buffer (one device read): after writing it in place by other means than
+        load_state_dict / LoraNetwork.load_kohya, which call this themselves."""
+        alpha = self._buffers["alpha"]
+        self._alpha_ref = alpha
+        self._alpha_version = None if alpha.is_inference() else alpha._version
+        self._alpha_value = float(alpha)
+
+    def _scale(self) -> float:
+        """alpha / rank as a float, from the cache unless the buffer changed since it was read."""
+        alpha = self._buffers["alpha"]
+        if alpha is not self._alpha_ref or (self._alpha_version is not None and alpha._version != self._alpha_version):
+            self.sync_scale()
+        return self._alpha_value / self.rank
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sync_scale()
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()` / `.cuda()` replace the buffer with a copy of the same value: keep the float without reading the
+        new (maybe GPU) tensor back; a dtype change (`.half()`) rounds alpha, so that one is read again."""
+        before = self._buffers["alpha"]
+        fresh = before is self._alpha_ref and (self._alpha_version is None or before._version == self._alpha_version)
+        out = super()._apply(fn, *args, **kwargs)
+        after = self._buffers["alpha"]
+        if fresh and after is not before and after.dtype == before.dtype:
+            self._alpha_ref = after
+            self._alpha_version = None if after.is_inference() else after._version
+        return out
+
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self._scale()
 
-    def _factor(self) -> torch.Tensor:
-        return self.alpha * (self.multiplier / self.rank)
+    def _factor(self) -> float:
+        return self._scale() * self.multiplier
 
     def _skip(self) -> bool:
         return self.training and self.module_dropout > 0 and torch.rand(()) < self.module_dropout
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA output added to the layer's output: `multiplier * alpha/rank * up(drop(down(x)))`.
+    # --------------------------------------------------------------------------------------------- forward
+    # On a GPU a LoRA step at batch 1 is bound by the CPU launching kernels, so the forward is written for the fewest
+    # operator calls: functional ops (no module calls), the factor as a Python float, the scale folded into the
+    # residual add, and for Linear targets plain 2-D matmuls (no reshape / view pairs in forward and backward).
+    def _weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input, down weight, up weight) as the matmuls take them. Under autocast: the input as it is (autocast
+        casts it) and the weights cast for this forward by `LoraNetwork.cast_weights` when it is active for autocast's
+        dtype; otherwise the input is cast to the weights' dtype when it differs."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        amp = _autocast_dtype(x.device.type)
+        if amp is None:
+            if x.dtype != down.dtype:
+                x = x.to(down.dtype)
+        elif self._cast is not None and self._cast[0] == amp:
+            down, up = self._cast[1], self._cast[2]
+        return x, down, up
 
-        None when module dropout skips this module for the step. Dropouts act only in training mode (sd-scripts'
-        order: dropout on the down output, then rank dropout with 1/(1-p) rescaling)."""
-        if self.multiplier == 0 or self._skip():
-            return None
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
-        factor = self._factor()
-        if self.training and self.dropout > 0:
+    def _down(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.is_conv:
+            conv = self.lora_down
+            return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation)
+        return F.linear(x, weight)
+
+    def _up(self, lx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(lx, weight) if self.is_conv else F.linear(lx, weight)
+
+    def _dropped(self, lx: torch.Tensor, factor: float) -> tuple[torch.Tensor, float]:
+        """The training dropouts on the down output (sd-scripts' order: dropout, then rank dropout per sample and
+        rank, its 1/(1-p) rescaling folded into the factor)."""
+        if self.dropout > 0:
             lx = F.dropout(lx, p=self.dropout)
-        if self.training and self.rank_dropout > 0:
+        if self.rank_dropout > 0:
             mask = (torch.rand(lx.shape[0], self.rank, device=lx.device) > self.rank_dropout).to(lx.dtype)
             if self.is_conv:
                 mask = mask[:, :, None, None]
@@ -105,7 +168,49 @@ class LoraModule(nn.Module):
                 mask = mask[:, None, :]
             lx = lx * mask
             factor = factor / (1.0 - self.rank_dropout)
-        return self.lora_up(lx) * factor.to(lx.dtype)
+        return lx, factor
+
+    def _extra(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(up(drop(down(x))), factor): the unscaled LoRA output and the factor it takes."""
+        x, down, up = self._weights(x)
+        factor = self._factor()
+        if self.training and (self.dropout > 0 or self.rank_dropout > 0):
+            lx, factor = self._dropped(self._down(x, down), factor)
+            return self._up(lx, up), factor
+        if self.is_conv:
+            return self._up(self._down(x, down), up), factor
+        lx = torch.mm(x.reshape(-1, x.shape[-1]), down.t())
+        return torch.mm(lx, up.t()).view(*x.shape[:-1], up.shape[0]), factor
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA output added to the layer's output: `multiplier * alpha/rank * up(drop(down(x)))`, in the LoRA's
+        dtype (or autocast's). None when module dropout skips this module for the step. Dropouts act only in training
+        mode."""
+        if self.multiplier == 0 or self._skip():
+            return None
+        extra, factor = self._extra(x)
+        return extra * factor
+
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer and the LoRA will both see it. Under autocast a float input is cast to autocast's
+        dtype here, once: the layer's own linear / conv would cast it anyway (the same values, so the layer's output
+        is unchanged), and the LoRA's down projection would cast it a second time."""
+        if self._autocast_input and isinstance(x, torch.Tensor) and x.is_floating_point():
+            amp = _autocast_dtype(x.device.type)
+            if amp is not None and x.dtype != amp and x.dtype != torch.float64:
+                return x.to(amp)
+        return x
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out + branch(x)`, the scale and the residual add in one `torch.add(out, extra, alpha=factor)`. When the
+        LoRA's dtype differs from the layer's output (no autocast, e.g. fp16 base and fp32 LoRA) the LoRA output is
+        scaled in its own dtype and cast to the output's, as `out + extra.to(out.dtype)`."""
+        if self.multiplier == 0 or self._skip():
+            return out
+        extra, factor = self._extra(x)
+        if extra.dtype != out.dtype:
+            return out + (extra * factor).to(out.dtype)
+        return torch.add(out, extra, alpha=factor)
 
     def delta_weight(self, with_dropout: bool = False) -> torch.Tensor | None:
         """`multiplier * alpha/rank * up @ down`, shaped like this module's slice of the target weight.
@@ -130,7 +235,66 @@ class LoraModule(nn.Module):
         return delta * factor
 
     def extra_repr(self) -> str:
-        return f"{self.lora_name}, rank={self.rank}, alpha={float(self.alpha)}"
+        return f"{self.lora_name}, rank={self.rank}, alpha={self._scale() * self.rank:g}"
+
+
+def _autocast_getter():
+    """`device_type -> autocast dtype, or None when autocast is off there`. torch >= 2.4 has per-device-type
+    functions; older torch (the webui's 2.1) has separate CPU and CUDA ones."""
+    try:
+        torch.is_autocast_enabled("cpu")
+        torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):
+        def dtype_of(device_type: str) -> torch.dtype | None:
+            if device_type == "cpu":
+                return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+            if device_type == "cuda":
+                return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+            return None
+
+        return dtype_of
+
+    def dtype_of(device_type: str) -> torch.dtype | None:  # noqa: F811
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+    return dtype_of
+
+
+_autocast_dtype = _autocast_getter()
+
+
+class _CastTogether(torch.autograd.Function):
+    """Casts a list of weights to one dtype with one multi-tensor copy (`torch._foreach_copy_`: a single kernel
+    launch on a GPU instead of one per weight), and their gradients back the same way. The values are exactly what
+    autocast's own per-weight casts give, so results do not change; only the launch count does."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = [w.dtype for w in weights]
+        out = [torch.empty_like(w, dtype=dtype) for w in weights]
+        torch._foreach_copy_(out, list(weights))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        result: list = [None] * len(grads)
+        if present:
+            src = [grads[i] for i in present]
+            dst = [torch.empty_like(g, dtype=ctx.dtypes[i]) for i, g in zip(present, src)]
+            torch._foreach_copy_(dst, src)
+            for i, g in zip(present, dst):
+                result[i] = g
+        return (None, *result)
+
+
+def cast_together(weights: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """`weights` cast to `dtype` by one multi-tensor copy, differentiable; None where torch lacks `_foreach_copy_`
+    or the weights are not all on one device (callers then let autocast cast each weight)."""
+    if not weights or not hasattr(torch, "_foreach_copy_") or len({w.device for w in weights}) != 1:
+        return None
+    return list(_CastTogether.apply(dtype, *weights))
 
 
 def _reference_weight(target: nn.Module, part: str | None) -> torch.Tensor:
@@ -192,9 +356,8 @@ def linear_patch(lora: LoraModule) -> ForwardPatch:
     patch: ForwardPatch
 
     def call(x, *args, **kwargs):
-        out = patch.base(x, *args, **kwargs)
-        extra = lora.branch(x)
-        return out if extra is None else out + extra.to(out.dtype)
+        x = lora.layer_input(x)
+        return lora.add_to(patch.base(x, *args, **kwargs), x)
 
     patch = ForwardPatch(lora.target, call)
     return patch

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import inspect
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -72,6 +73,7 @@ class Run:
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         self.pred_type = "v_prediction" if cfg.v_parameterization else backend.prediction_type
         self.ac = backend.alphas_cumprod.detach().float().cpu()
+        self.ac_device = self.ac.to(self.device)  # the loss gathers from it each step: no host-to-device copy there
         self.net = self.setup = self.scaler = None
         self.applied = self.prepared = False
         self.text = None
@@ -227,15 +229,22 @@ class Run:
         yield self._done()
 
     def _optimizer_step(self, chunk: list) -> float:
-        total = 0.0
-        for spec in chunk:
-            total += self._forward_backward(spec, 1.0 / len(chunk))
+        """Forward + backward of each batch of the chunk (gradient accumulation), then one optimizer step.
+
+        The host waits for the device once per step: the batch losses stay on the device until every backward has
+        been queued, then come back together for the NaN check and the step event. A non-finite loss stops the run
+        before the optimizer applies anything."""
+        losses = [self._forward_backward(spec, 1.0 / len(chunk)) for spec in chunk]
+        values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).tolist()
+        for spec, value in zip(chunk, values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1} (epoch {spec.epoch})")
         opt, sched = self.setup.optimizer, self.setup.scheduler
         self.dist.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)  # multi-tensor kernels
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -243,7 +252,7 @@ class Run:
             opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return self.dist.all_mean(total / len(chunk))
+        return self.dist.all_mean(sum(values) / len(chunk))
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -275,24 +284,23 @@ class Run:
         torch.manual_seed(seed)  # dropout in the network, VAE sampling
         latents = self._latents(batch)
         noise, t = self._draws(latents, seed)
-        noisy = add_noise(latents, noise, t, self.ac)
-        with self._autocast():
+        ac = self.ac_device
+        noisy = add_noise(latents, noise, t, ac)
+        with self._autocast(), self.net.cast_weights(self.amp_dtype):  # LoRA weights cast once per forward
             pred = self.backend.predict(noisy, t, self._cond(batch))
-        target = target_for(self.pred_type, latents, noise, t, self.ac)
+        target = target_for(self.pred_type, latents, noise, t, ac)
         if not weights:
             per = per_sample_mse(pred, target)
             return per.mean(), per
-        return diffusion_loss(pred, target, t, self.ac, self.pred_type, batch.loss_weights, self.cfg.min_snr_gamma)
+        return diffusion_loss(pred, target, t, ac, self.pred_type, batch.loss_weights, self.cfg.min_snr_gamma)
 
-    def _forward_backward(self, spec, scale: float) -> float:
+    def _forward_backward(self, spec, scale: float) -> torch.Tensor:
+        """One batch's forward and backward; returns its loss, detached and still on the device (no host sync)."""
         batch = self.data.load_batch(spec)
         loss, _ = self._predict_loss(batch, step_seed(self.seed, spec.epoch, spec.index))
-        value = loss.item()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1} (epoch {spec.epoch})")
-        scaled = loss * scale
+        scaled = loss if scale == 1.0 else loss * scale
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        return value
+        return loss.detach()
 
     def _step_event(self, epoch: int, step_in_epoch: int, loss: float) -> StepEnd:
         st = self.state
