@@ -97,7 +97,11 @@ class LoraModule(nn.Module):
         self._alpha_value = float(alpha)
 
     def _scale(self) -> float:
-        """alpha / rank as a float, from the cache unless the buffer changed since it was read."""
+        """alpha / rank as a float, from the cache unless the buffer changed since it was read. Under torch.compile
+        the cached float is used as it is (the version check would split the graph at every LoRA module); the
+        compiled code is guarded on that float, so `sync_scale()` after a write recompiles with the new value."""
+        if _compiling():
+            return self._alpha_value / self.rank
         alpha = self._buffers["alpha"]
         if alpha is not self._alpha_ref or (self._alpha_version is not None and alpha._version != self._alpha_version):
             self.sync_scale()
@@ -261,6 +265,16 @@ def _autocast_getter():
 
 
 _autocast_dtype = _autocast_getter()
+
+
+def _compiling_getter() -> Callable[[], bool]:
+    """`torch.compiler.is_compiling` (True while torch.compile traces), or `lambda: False` on a torch without it."""
+    compiler = getattr(torch, "compiler", None)
+    found = getattr(compiler, "is_compiling", None)
+    return found if callable(found) else (lambda: False)
+
+
+_compiling = _compiling_getter()
 
 
 class _CastTogether(torch.autograd.Function):

@@ -21,7 +21,9 @@ from typing import Any, Callable, Mapping
 
 from ..errors import BadInput
 from ..fsutil import atomic_write_text
-from .config import CONFIG_VERSION, OPTIMIZERS, SCHEDULERS, TrainConfig, field_info, field_names, field_types
+from .config import (
+    CONFIG_VERSION, DYNAMO_BACKENDS, DYNAMO_MODES, OPTIMIZERS, SCHEDULERS, TrainConfig, field_info, field_names, field_types,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +51,7 @@ IGNORED_KEYS = frozenset({
 NEUTRAL_WHEN: dict[str, tuple | None] = {
     # bookkeeping, uploads, logging services, schedules of saves and samples by steps, compile settings
     **dict.fromkeys((
-        "dynamo_backend", "epoch", "wandb_run_name", "wandb_api_key", "log_tracker_name", "log_tracker_config",
+        "epoch", "wandb_run_name", "wandb_api_key", "log_tracker_name", "log_tracker_config",
         "log_config", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
         "metadata_title", "huggingface_repo_id", "huggingface_token", "huggingface_repo_type",
         "huggingface_repo_visibility", "huggingface_path_in_repo", "async_upload", "save_state_to_huggingface",
@@ -202,7 +204,8 @@ def _normalise_choice(name: str, value: str) -> str:
     value = _CHOICE_ALIASES.get(name, {}).get(value.strip().lower(), value)
     if name == "optimizer_type" and value.strip() == "":
         return "AdamW"
-    pool = {"optimizer_type": OPTIMIZERS, "lr_scheduler": SCHEDULERS}.get(name)
+    pool = {"optimizer_type": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "dynamo_backend": DYNAMO_BACKENDS,
+            "dynamo_mode": DYNAMO_MODES}.get(name)
     if pool:
         for choice in pool:
             if choice.lower() == value.strip().lower():

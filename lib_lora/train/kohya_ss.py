@@ -30,7 +30,8 @@ LORA_TYPES = {"Standard": False, "Kohya LoCon": True, "LoCon": True, "LyCORIS/Lo
 
 # GUI keys consumed by the special rules below (never reported as ignored)
 _HANDLED = {"LoRA_type", "conv_dim", "conv_alpha", "lr_warmup", "lr_warmup_steps", "rank_dropout", "module_dropout",
-            "max_train_steps", "max_train_epochs", "epoch", "text_encoder_lr", "unet_lr", "sample_prompts", "noise_offset_type"}
+            "max_train_steps", "max_train_epochs", "epoch", "text_encoder_lr", "unet_lr", "sample_prompts", "noise_offset_type",
+            "dynamo_backend"}
 # settings where 0 in the GUI means "off" and we use None
 _ZERO_IS_UNSET = {"max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "min_snr_gamma", "noise_offset",
                   "clip_skip", "network_dropout", "seed"}
@@ -107,6 +108,12 @@ def from_kohya_ss(preset: dict[str, Any], notes: list[str] | None = None) -> Tra
         values["network_train_unet_only"], values["text_encoder_lr"] = True, None
     elif unet == 0 and te not in (None, 0):
         values["network_train_text_encoder_only"], values["unet_lr"] = True, None
+
+    # torch.compile: the GUI's accelerate `dynamo_backend` ("no" = off) only picks the backend; as in sd-scripts, only
+    # `torch_compile` (passed through above under its own name) turns compiling on
+    backend = preset.get("dynamo_backend")
+    if _given(backend) and str(backend).strip().lower() != "no":
+        values["dynamo_backend"] = coerce("dynamo_backend", backend)
 
     # sample prompts: the GUI holds the prompt text itself, one per line
     prompts = preset.get("sample_prompts")

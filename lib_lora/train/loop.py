@@ -22,6 +22,7 @@ import torch
 
 from ..errors import BadInput
 from . import dist as dist_mod
+from .compiling import CompiledForward, CompileFailed, bucket_count, compile_notes
 from .config import TrainConfig, effective_lrs, sample_prompt_lines
 from .events import (
     Continued, Done, EpochEnd, Event, Failed, Interrupted, Note, Paused, Sample, Saved, Started, StepEnd,
@@ -75,6 +76,9 @@ class Run:
         self.ac = backend.alphas_cumprod.detach().float().cpu()
         self.ac_device = self.ac.to(self.device)  # the loss gathers from it each step: no host-to-device copy there
         self.net = self.setup = self.scaler = None
+        self.forward: CompiledForward | None = None  # torch_compile: the compiled UNet forward (None = eager)
+        self.keep_grads = False  # CUDA graphs + gradient accumulation: .grad buffers stay allocated between steps
+        self.notes: list[str] = []  # said during a step, yielded after it
         self.applied = self.prepared = False
         self.text = None
         self.latents_cached = False
@@ -124,6 +128,8 @@ class Run:
             self.params = [p for p in self.net.parameters() if p.requires_grad]
             self.dist.broadcast_parameters(self.params)
             self.setup = build_optimizer(cfg, self.net.param_groups(unet_lr, te_lr), self.plan.total_steps)
+            if cfg.torch_compile and cfg.dynamo_backend.strip().lower() != "no":
+                yield from self._compile()
             if self.amp_dtype is torch.float16:
                 self.scaler = make_grad_scaler(self.device.type)
             if loaded:
@@ -155,6 +161,9 @@ class Run:
                 f"out of memory at step {self.state.global_step + 1}: try train_batch_size 1, gradient_checkpointing, "
                 "cache_latents, a lower resolution, or mixed_precision bf16/fp16", self.state.global_step, tuple(self.files))
         finally:
+            if self.forward is not None:
+                self.forward.release()
+                self.forward = None
             self._hand_back()
             torch.set_rng_state(rng)
             if cuda_rng is not None:
@@ -166,6 +175,25 @@ class Run:
         call_with_known(self.backend.prepare_for_training, train_unet=unet_lr > 0, train_text_encoder=te_lr > 0,
                         gradient_checkpointing=self.cfg.gradient_checkpointing, mixed_precision=self.cfg.mixed_precision)
         self.prepared = True
+
+    def _compile(self) -> Iterator[Event]:
+        """Set up the compiled UNet forward (after the LoRA is attached: the compiled code must see it)."""
+        cfg = self.cfg
+        forward = CompiledForward(self.backend, dynamo_backend=cfg.dynamo_backend, mode=cfg.dynamo_mode,
+                                  dynamic_hw=bucket_count(self.data) > 1)
+        if not forward.enabled:
+            yield Note(f"torch_compile is off for this run, training eagerly: {forward.failure}")
+            return
+        for line in compile_notes(cfg, self.net):
+            yield Note(line)
+        self.forward = forward
+        if forward.uses_cudagraphs and cfg.gradient_accumulation_steps > 1:
+            # CUDA graphs reuse their output memory on the next replay: gradients accumulated over several
+            # backwards must live in buffers of their own, allocated here (outside any graph) and zeroed, not freed
+            self.keep_grads = True
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     def _seeded_encoder(self, seed: int):
         """The VAE for latent caching, sampling from a generator seeded with the run's seed: the same latents in
@@ -215,6 +243,8 @@ class Run:
                 st.epoch_loss_sum += loss
                 st.epoch_loss_count += 1
                 yield self._step_event(epoch, -(-st.batches_done // accum), loss)
+                while self.notes:
+                    yield Note(self.notes.pop(0))
                 if self.control.take_save_request():
                     yield from self._save_lora(step_file(cfg, st.global_step), epoch)
                 if self.control.pause_requested:
@@ -234,6 +264,8 @@ class Run:
         The host waits for the device once per step: the batch losses stay on the device until every backward has
         been queued, then come back together for the NaN check and the step event. A non-finite loss stops the run
         before the optimizer applies anything."""
+        if self.forward is not None:
+            self.forward.step_begins()
         losses = [self._forward_backward(spec, 1.0 / len(chunk)) for spec in chunk]
         values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).tolist()
         for spec, value in zip(chunk, values):
@@ -251,7 +283,7 @@ class Run:
         else:
             opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not self.keep_grads)
         return self.dist.all_mean(sum(values) / len(chunk))
 
     def _autocast(self):
@@ -280,14 +312,25 @@ class Run:
             sizes = [(*o, *c, *t) for o, c, t in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]
         return self.text(list(batch.captions), sizes)
 
-    def _predict_loss(self, batch, seed: int, weights: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict_loss(self, batch, seed: int, weights: bool = True, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss (weighted) or (mean, per-sample MSE). `compiled`: through the torch_compile forward when
+        the run has one (training steps; validation runs eagerly rather than compile an eval graph)."""
+        forward = self.forward if compiled else None
         torch.manual_seed(seed)  # dropout in the network, VAE sampling
         latents = self._latents(batch)
         noise, t = self._draws(latents, seed)
         ac = self.ac_device
         noisy = add_noise(latents, noise, t, ac)
-        with self._autocast(), self.net.cast_weights(self.amp_dtype):  # LoRA weights cast once per forward
-            pred = self.backend.predict(noisy, t, self._cond(batch))
+        # eager: LoRA weights cast once per forward; compiled: the graph casts them itself
+        cast = nullcontext() if forward is not None else self.net.cast_weights(self.amp_dtype)
+        try:
+            with self._autocast(), cast:
+                cond = self._cond(batch)
+                pred = forward(noisy, t, cond) if forward is not None else self.backend.predict(noisy, t, cond)
+        except CompileFailed as exc:
+            self.notes.append(f"torch_compile failed, training eagerly from here on: {exc}")
+            self.forward = None
+            return self._predict_loss(batch, seed, weights, compiled=False)
         target = target_for(self.pred_type, latents, noise, t, ac)
         if not weights:
             per = per_sample_mse(pred, target)
@@ -341,7 +384,8 @@ class Run:
         try:
             with torch.no_grad():
                 for spec in specs:
-                    _, per = self._predict_loss(self.data.load_batch(spec), step_seed(val_seed, 0, spec.index), weights=False)
+                    _, per = self._predict_loss(self.data.load_batch(spec), step_seed(val_seed, 0, spec.index), weights=False,
+                                                compiled=False)
                     total += float(per.sum())
                     count += per.numel()
         finally:

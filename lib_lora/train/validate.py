@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..fsutil import check_name
 from .config import (
-    LOG_WITH, MIXED_PRECISIONS, NETWORK_MODULES, OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TOKEN_LENGTHS,
+    DYNAMO_BACKENDS, DYNAMO_MODES, LOG_WITH, MIXED_PRECISIONS, NETWORK_MODULES, OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TOKEN_LENGTHS,
     TrainConfig, field_names, resolution_wh, sample_prompt_lines,
 )
 from .steps import count_concepts
@@ -198,6 +198,17 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("min_snr_gamma", "may not be negative")
     if cfg.noise_offset is not None and not 0 <= cfg.noise_offset <= 1:
         add("noise_offset", f"{cfg.noise_offset} is outside [0, 1] (0.05-0.1 is usual)")
+    if cfg.dynamo_mode not in DYNAMO_MODES:
+        add("dynamo_mode", f"{cfg.dynamo_mode!r} is not one of {', '.join(DYNAMO_MODES)}")
+    if cfg.torch_compile:
+        backend = cfg.dynamo_backend.strip().lower()
+        if backend == "no":
+            add("dynamo_backend", "'no' turns torch_compile off (use inductor to compile)", "warning")
+        elif backend not in DYNAMO_BACKENDS:
+            add("dynamo_backend", f"{cfg.dynamo_backend!r} is not a torch.compile backend known here "
+                f"({', '.join(DYNAMO_BACKENDS[:-1])}); the run tries it and trains eagerly if torch refuses it", "warning")
+        elif cfg.dynamo_mode != "default" and backend != "inductor":
+            add("dynamo_mode", f"{cfg.dynamo_mode} is a mode of the inductor backend; {backend} ignores it", "warning")
 
     # output
     if not cfg.dry_run and not cfg.output_dir:

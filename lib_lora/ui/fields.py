@@ -86,6 +86,8 @@ FIELDS: tuple[UiField, ...] = (
     # Advanced
     F("mixed_precision", "Mixed precision", "Advanced", "dropdown", "fp16"),
     F("gradient_checkpointing", "Gradient checkpointing (less memory, slower)", "Advanced", "checkbox", False),
+    F("torch_compile", "torch.compile (faster steps after a slow first one)", "Advanced", "checkbox", False,
+      info="compiles the UNet forward (inductor); the first step takes minutes; falls back to normal training if it fails"),
     F("save_precision", "Save precision", "Advanced", "dropdown", "fp16"),
     F("validation_split", "Validation split", "Advanced", "number", 0.0, 0, 0.5),
     F("training_comment", "Comment in the LoRA metadata", "Advanced", "text", ""),
