@@ -16,7 +16,14 @@ On a GPU at batch 1 an SD1.5 step is bound by the CPU launching kernels, not by 
 number of aten operator calls per pass (counted with torch.profiler after the timed steps) predicts the GPU's
 time better than a CPU timing does; it is the same on any machine. `--proxy` runs the SD1.5 layout (same blocks,
 attention layers and LoRA modules) with tiny channel counts, so compute is negligible and the per-operator
-overhead dominates on the CPU as it does on a GPU.
+overhead dominates on the CPU as it does on a GPU. On a GPU the profiler also counts the work the host hands the
+GPU (CUDA runtime kernel launches, async copies and memsets; a replayed CUDA graph is one `cudaGraphLaunch`).
+
+`--compile` runs all three through torch.compile (the loop's `torch_compile`, with `--dynamo_backend` and
+`--compile_mode`; the bare and LoRA passes compile the same UNet call). The loop then runs its steps back to back
+and the passes follow after the run: a pause moves the LoRA to the CPU and back, and with CUDA graphs
+(`--compile_mode reduce-overhead`) every step after one would record its graphs again. The first step, and the first
+of each pass, include the compile; their times are printed apart.
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_op_count", action="store_true", help="skip counting aten calls (torch.profiler)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 gives steadier CPU times on a busy machine)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet forward (the loop's torch_compile) and the bare / LoRA passes")
+    parser.add_argument("--dynamo_backend", default="inductor", help="torch.compile backend with --compile")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode with --compile (reduce-overhead = CUDA graphs on a GPU)")
 
 
 class _BenchBackend:
@@ -198,10 +211,24 @@ def count_ops(prof) -> tuple[int, int]:
     return len(events), sum(1 for e in events if is_kernel(e))
 
 
-def _profiler():
+_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel",
+             "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def count_launches(prof) -> tuple[int, int]:
+    """(work the host hands the GPU: kernel launches, async copies / memsets, graph launches; of which CUDA graph
+    launches) in a finished torch.profiler run with CUDA activity. (0, 0) on a CPU."""
+    names = [e.name for e in prof.events() if e.name in _LAUNCHES or e.name.startswith(("cudaLaunchKernel", "cuLaunchKernel"))]
+    return len(names), sum(1 for n in names if n == "cudaGraphLaunch")
+
+
+def _profiler(cuda: bool = False):
     import torch
 
-    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
 
 
 def build_unet(args: argparse.Namespace, device):
@@ -238,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..train.config import TrainConfig
-    from ..train.events import Continued, Paused, Started, StepEnd, TrainControl
+    from ..train.events import Continued, Note, Paused, Started, StepEnd, TrainControl
     from ..train.loop import train
     from ..train.netglue import build_network, network_config
 
@@ -254,18 +281,33 @@ def run(args: argparse.Namespace) -> int:
     cond = torch.randn(args.batch, 77, layout["cross_attention_dim"], device=device)
     t = torch.full((args.batch,), 500, device=device)
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     count = not args.no_op_count
 
+    def unet_call(x_in, t_in, cond_in):
+        return unet(x_in, t_in, encoder_hidden_states=cond_in).sample
+
+    run_unet = unet_call
+    mark_step = lambda: None  # noqa: E731
+    if args.compile:
+        kwargs = {"backend": args.dynamo_backend}
+        if args.compile_mode != "default" and args.dynamo_backend == "inductor":
+            kwargs["mode"] = args.compile_mode
+        run_unet = torch.compile(unet_call, **kwargs)
+        if cuda and args.compile_mode in ("reduce-overhead", "max-autotune"):
+            mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", mark_step)
+
     def bare_pass(net=None) -> tuple[float, float]:
-        """The UNet alone (or with `net` attached, its weights cast as the loop casts them): forward, and backward to
-        its input (there is no weight to train)."""
+        """The UNet alone (or with `net` attached, its weights cast as the eager loop casts them): forward, and
+        backward to its input (there is no weight to train)."""
         x_in = x.clone().requires_grad_(True)
         sync()
         began, began_cpu = time.perf_counter(), time.process_time()
+        mark_step()
         with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-            with net.cast_weights(amp) if net is not None else nullcontext():
-                out = unet(x_in, t, encoder_hidden_states=cond).sample
+            with net.cast_weights(amp) if net is not None and not args.compile else nullcontext():
+                out = run_unet(x_in, t, cond)
         torch.autograd.grad(out.float().mean(), x_in)
         sync()
         return time.perf_counter() - began, time.process_time() - began_cpu
@@ -275,65 +317,98 @@ def run(args: argparse.Namespace) -> int:
         with lora_net.inject():
             return bare_pass(lora_net)
 
-    def counted(fn) -> tuple[int, int]:
-        with _profiler() as prof:
+    def counted(fn) -> tuple[int, int, int, int]:
+        with _profiler(cuda) as prof:
             fn()
-        return count_ops(prof)
+        return (*count_ops(prof), *count_launches(prof))
 
-    # Training steps of the real loop, each followed by a pause (which hands the UNet back without LoRA) in which
-    # one bare pass and one pass with an equal LoRA attached run: all three are measured in turns, under the same
-    # conditions (other load on the machine, caches). One more step at the end runs under torch.profiler, with a bare
-    # and a LoRA pass, to count operator calls.
+    # Eager: training steps of the real loop, each followed by a pause (which hands the UNet back without LoRA) in
+    # which one bare pass and one pass with an equal LoRA attached run: all three are measured in turns, under the
+    # same conditions (other load on the machine, caches). One more step at the end runs under torch.profiler, with a
+    # bare and a LoRA pass, to count operator calls. Compiled: the steps back to back, then the passes (see above).
     backend = _BenchBackend(unet, cond, device)
     control = TrainControl()
     bare, bare_cpu, steps, steps_cpu, lora, lora_cpu = [], [], [], [], [], []
+    first: dict[str, float] = {}
     timed_end = args.warmup + args.steps
-    ops: dict[str, tuple[int, int]] = {}
-    prof = None
+    ops: dict[str, tuple[int, int, int, int]] = {}
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TrainConfig(output_dir=out_dir, output_name="bench", network_dim=args.dim, network_alpha=float(args.dim),
                           network_train_unet_only=True, max_train_steps=timed_end + int(count), seed=0,
                           mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                          train_batch_size=args.batch, train_data_dir=out_dir)
+                          train_batch_size=args.batch, train_data_dir=out_dir, torch_compile=args.compile,
+                          dynamo_backend=args.dynamo_backend, dynamo_mode=args.compile_mode)
         lora_net = build_network(cfg, backend).to(device)
-        resumed = resumed_cpu = None
+
+        def passes(step: int) -> None:
+            """One bare and one LoRA pass after step `step` (under the profiler after the timed steps)."""
+            if count and step > timed_end:
+                ops["bare"], ops["lora"] = counted(bare_pass), counted(lora_pass)
+                return
+            (wall, cpu), (lwall, lcpu) = bare_pass(), lora_pass()
+            if step == 1:
+                first["bare"], first["lora"] = wall, lwall
+            if step > args.warmup:
+                bare.append(wall)
+                bare_cpu.append(cpu)
+                lora.append(lwall)
+                lora_cpu.append(lcpu)
+
+        prof = None
+        clock = (0.0, 0.0)
+
+        def start_step(done: int) -> None:
+            """The next step begins (`done` steps so far): the profiler for the one after the timed steps, the clock."""
+            nonlocal prof, clock
+            if count and done == timed_end:
+                prof = _profiler(cuda)
+                prof.__enter__()
+            sync()
+            clock = (time.perf_counter(), time.process_time())
+
         for ev in train(cfg, backend, _LatentData(x, args.batch), control):
-            if isinstance(ev, (Started, Continued)):
-                if count and (ev.start_step if isinstance(ev, Started) else ev.step) == timed_end:
-                    prof = _profiler()
-                    prof.__enter__()
-                sync()
-                resumed, resumed_cpu = time.perf_counter(), time.process_time()
+            if isinstance(ev, Note) and args.compile:
+                print(f"note: {ev.message}", flush=True)
+            elif isinstance(ev, (Started, Continued)):
+                start_step(ev.start_step if isinstance(ev, Started) else ev.step)
             elif isinstance(ev, StepEnd):
                 sync()
+                wall, cpu = time.perf_counter() - clock[0], time.process_time() - clock[1]
                 if prof is not None:
                     prof.__exit__(None, None, None)
-                    ops["step"], prof = count_ops(prof), None
+                    ops["step"], prof = (*count_ops(prof), *count_launches(prof)), None
+                elif ev.step == 1:
+                    first["step"] = wall
                 elif ev.step > args.warmup:
-                    steps.append(time.perf_counter() - resumed)
-                    steps_cpu.append(time.process_time() - resumed_cpu)
-                control.pause()
-            elif isinstance(ev, Paused):  # the UNet is handed back without the loop's LoRA
-                if count and ev.step > timed_end:
-                    ops["bare"], ops["lora"] = counted(bare_pass), counted(lora_pass)
+                    steps.append(wall)
+                    steps_cpu.append(cpu)
+                if args.compile:
+                    start_step(ev.step)  # back to back: this step's end is the next one's start
                 else:
-                    (wall, cpu), (lwall, lcpu) = bare_pass(), lora_pass()
-                    if ev.step > args.warmup:
-                        bare.append(wall)
-                        bare_cpu.append(cpu)
-                        lora.append(lwall)
-                        lora_cpu.append(lcpu)
+                    control.pause()
+            elif isinstance(ev, Paused):  # the UNet is handed back without the loop's LoRA
+                passes(ev.step)
                 control.unpause()
+        if prof is not None:  # the run ended after the last step (compiled: the profiler was opened for one more)
+            prof.__exit__(None, None, None)
+        if args.compile:  # the run is over and the UNet handed back: as many passes as steps
+            for step in range(1, timed_end + 1 + int(count)):
+                passes(step)
     modules = sum(1 for name, _ in backend.lora_targets(network_config(cfg)))
     bare_s, step_s = statistics.median(bare), statistics.median(steps)
     bare_c, step_c = statistics.median(bare_cpu), statistics.median(steps_cpu)
     lora_s, lora_c = statistics.median(lora), statistics.median(lora_cpu)
     peak, kind = _peak(device)
     print(f"machine: {_machine(device)}")
+    compiled = (f", torch.compile {args.dynamo_backend}" + (f" {args.compile_mode}" if args.compile_mode != "default" else "")
+                if args.compile else "")
     print(f"UNet {params / 1e6:.1f}M params ({'proxy: SD1.5 layout, tiny channels' if args.proxy else 'SD1.5'}, "
           f"{str(base_dtype(args, device)).replace('torch.', '')}), LoRA dim {args.dim} on {modules} modules, "
           f"batch {args.batch}, latents {latent}x{latent}, mixed_precision {args.mixed_precision}, "
-          f"gradient_checkpointing {args.gradient_checkpointing}")
+          f"gradient_checkpointing {args.gradient_checkpointing}{compiled}")
+    if args.compile and first:
+        print(f"first (compiling):     step {first.get('step', 0):.1f} s, bare pass {first.get('bare', 0):.1f} s, "
+              f"LoRA pass {first.get('lora', 0):.1f} s")
     print(f"bare forward+backward: {bare_s:.3f} s (median of {len(bare)}; the UNet alone, no LoRA)")
     print(f"same with the LoRA:    {lora_s:.3f} s (forward, backward to the input)")
     print(f"training step:         {step_s:.3f} s (median of {len(steps)}), {1 / step_s:.2f} it/s")
@@ -342,10 +417,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"of which the LoRA:     {lora_s / bare_s:.3f} wall, {lora_c / bare_c:.3f} CPU; the loop around it: "
           f"{step_s / lora_s:.3f} wall, {step_c / lora_c:.3f} CPU")
     if ops:
-        (b, bk), (w, wk), (st, sk) = ops["bare"], ops["lora"], ops["step"]
+        (b, bk, bl, bg), (w, wk, wl, wg), (st, sk, sl, sg) = ops["bare"], ops["lora"], ops["step"]
+        fused = " (compiled: inductor's own fused kernels are not aten calls)" if args.compile else ""
         print(f"aten calls per pass:   bare {b}, with the LoRA {w} (+{w - b}), step {st} (+{st - b}); "
-              f"step / bare {st / b:.3f}")
+              f"step / bare {st / b:.3f}{fused}")
         print(f"kernel-running leaves: bare {bk}, with the LoRA {wk} (+{wk - bk}), step {sk} (+{sk - bk}); "
-              f"step / bare {sk / bk:.3f} (about one GPU launch each)")
+              f"step / bare {sk / bk:.3f} (about one GPU launch each{'; aten only' if args.compile else ''})")
+        if cuda:
+            graphs = f"; CUDA graph launches among them: bare {bg}, LoRA {wg}, step {sg}" if bg or wg or sg else ""
+            print(f"GPU launches (host):   bare {bl}, with the LoRA {wl} (+{wl - bl}), step {sl} (+{sl - bl}); "
+                  f"step / bare {sl / bl:.3f} (kernels, async copies / memsets{graphs})" if bl else
+                  "GPU launches (host):   none seen by the profiler")
     print(f"peak memory:           {peak:.2f} GiB ({kind})")
     return 0

@@ -268,10 +268,13 @@ _autocast_dtype = _autocast_getter()
 
 
 def _compiling_getter() -> Callable[[], bool]:
-    """`torch.compiler.is_compiling` (True while torch.compile traces), or `lambda: False` on a torch without it."""
-    compiler = getattr(torch, "compiler", None)
-    found = getattr(compiler, "is_compiling", None)
-    return found if callable(found) else (lambda: False)
+    """A function that is True while torch.compile traces: `torch.compiler.is_compiling` (torch >= 2.3), else
+    `torch._utils.is_compiling` (which dynamo also reads as True), else `lambda: False` (a torch without compile)."""
+    for owner in (getattr(torch, "compiler", None), getattr(torch, "_utils", None)):
+        found = getattr(owner, "is_compiling", None)
+        if callable(found):
+            return found
+    return lambda: False
 
 
 _compiling = _compiling_getter()

@@ -156,11 +156,14 @@ def bucket_count(dataset: Any) -> int:
     return max(1, len({tuple(b.get("resolution", ())) for b in buckets.values()}))
 
 
-def compile_notes(cfg: Any, net: Any) -> list[str]:
+def compile_notes(cfg: Any, net: Any, device: Any = None) -> list[str]:
     """What the user should know before the first (slow) step."""
     notes = [f"torch_compile: compiling the UNet forward with {cfg.dynamo_backend}"
              + (f" ({cfg.dynamo_mode})" if cfg.dynamo_mode != "default" else "")
              + "; the first step (and the first of each new shape) takes minutes"]
+    if device is not None and torch.device(device).type == "cpu" and cfg.dynamo_backend == "inductor":
+        notes.append("torch_compile on a CPU: inductor's CPU code was slower than eager for SD-sized UNets in our "
+                     "measurements (docs/performance.md); it pays on a GPU")
     if any(getattr(lora, "module_dropout", 0) for lora in getattr(net, "loras", lambda: [])()):
         notes.append("torch_compile with module_dropout: the random skip of each module splits the compiled graph, "
                      "so compiling gains little")

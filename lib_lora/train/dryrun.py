@@ -49,5 +49,7 @@ def measure(run, steps: int = MEASURED_STEPS) -> DryRun:
     peak = torch.cuda.max_memory_allocated(run.device) if cuda else _rss_peak_bytes()
     est = per_step * run.plan.total_steps
     lines.append(f"measured {len(times)} steps: {per_step:.3f} s/step -> about {est / 60:.1f} min for {run.plan.total_steps} steps")
+    if getattr(run, "forward", None) is not None and times:
+        lines.append(f"the first step took {times[0]:.1f} s: it includes torch.compile (torch_compile), once per run")
     lines.append(f"peak memory: {peak / 2**30:.2f} GiB ({'GPU' if cuda else 'process RSS'})")
     return DryRun(tuple(lines), run.plan.total_steps, len(times), per_step, est, int(peak), "cuda" if cuda else "process RSS")

@@ -184,7 +184,7 @@ class Run:
         if not forward.enabled:
             yield Note(f"torch_compile is off for this run, training eagerly: {forward.failure}")
             return
-        for line in compile_notes(cfg, self.net):
+        for line in compile_notes(cfg, self.net, self.device):
             yield Note(line)
         self.forward = forward
         if forward.uses_cudagraphs and cfg.gradient_accumulation_steps > 1:
