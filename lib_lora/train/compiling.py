@@ -7,9 +7,12 @@ is attached, and its guards notice when the LoRA is detached (pause) and attache
 recompiling. The compiled code lives in dynamo's cache on that function's code object; `release()` empties it at
 the end of the run, and with CUDA graphs frees their memory pool, so nothing of the run stays behind.
 
-Shapes: without buckets every batch has one shape and one static graph serves the run. With several bucket
-resolutions the latent height and width are marked dynamic from the first step (one graph for all buckets instead
-of one recompile per new side); a smaller last batch still recompiles once with a dynamic batch size.
+Shapes are static (`dynamic=False`): every latent shape (bucket resolution, and a short last batch) compiles a graph
+of its own the first time it appears. Symbolic shapes would need one graph for all buckets, but inductor failed to
+compile the UNet with symbolic height and width (the diffusers UNet on a CPU: "cannot determine truth value of
+Relational"), and where it succeeded (the webui's ldm UNet) it specialised the sizes again anyway. Dynamo's
+recompile limit (8 per function) is raised for the run's own calls to two graphs per bucket plus two, so no bucket
+falls back to eager.
 
 A torch without torch.compile, or a compile that fails (no C++ compiler for inductor on a CPU, no triton on
 Windows, an unknown backend), never stops the run: the step is redone eagerly and the run goes on eagerly, with a
@@ -50,31 +53,19 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def _maybe_mark_dynamic() -> Callable[[torch.Tensor, int], None] | None:
-    dynamo = getattr(torch, "_dynamo", None)
-    if dynamo is None:
-        try:
-            import torch._dynamo as dynamo  # noqa: F811
-        except ImportError:
-            return None
-    return getattr(dynamo, "maybe_mark_dynamic", None)
-
-
 class CompiledForward:
     """`forward(noisy, t, cond) -> prediction` through torch.compile, falling back to `backend.predict`.
 
     `enabled` is False once a compile failed (or when it could not be set up); `failure` then says why."""
 
     def __init__(self, backend: Any, *, dynamo_backend: str = "inductor", mode: str = "default",
-                 dynamic_hw: bool = False) -> None:
+                 shapes: int = 1) -> None:
         self.backend = backend
         self.dynamo_backend = dynamo_backend
         self.mode = mode
-        self.dynamic_hw = dynamic_hw
         self.failure: str | None = None
         self.calls = 0
         self.uses_cudagraphs = False
-        self._mark_dynamic = _maybe_mark_dynamic() if dynamic_hw else None
 
         def predict(noisy, t, cond):  # a closure, compiled: the model objects are never wrapped
             return backend.predict(noisy, t, cond)
@@ -85,7 +76,7 @@ class CompiledForward:
         if compile_fn is None:
             self.failure = f"this torch ({torch.__version__}) has no torch.compile (it needs torch 2.0 or later)"
             return
-        kwargs: dict[str, Any] = {"backend": dynamo_backend}
+        kwargs: dict[str, Any] = {"backend": dynamo_backend, "dynamic": False}
         if mode and mode != "default" and dynamo_backend == "inductor":  # modes are inductor's
             kwargs["mode"] = mode
         try:
@@ -96,6 +87,7 @@ class CompiledForward:
         device = getattr(backend, "device", None)
         self.uses_cudagraphs = (dynamo_backend == "inductor" and mode in _CUDAGRAPH_MODES
                                 and torch.device(device).type == "cuda") or dynamo_backend == "cudagraphs"
+        self._limits = _recompile_limits(2 * shapes + 2)
 
     @property
     def enabled(self) -> bool:
@@ -111,11 +103,9 @@ class CompiledForward:
     def __call__(self, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         if self._compiled is None:
             return self.backend.predict(noisy, t, cond)
-        if self._mark_dynamic is not None and noisy.dim() == 4:
-            self._mark_dynamic(noisy, 2)
-            self._mark_dynamic(noisy, 3)
         try:
-            out = self._compiled(noisy, t, cond)
+            with self._limits():
+                out = self._compiled(noisy, t, cond)
         except Exception as exc:
             if _is_oom(exc):
                 raise
@@ -144,6 +134,22 @@ class CompiledForward:
                 pass
 
 
+def _recompile_limits(wanted: int) -> Callable[[], Any]:
+    """A context factory raising dynamo's per-function recompile limit to `wanted` while it is active (a no-op
+    where the limit is higher already or the config lacks it): set around our own calls only, so the process's
+    other compiled code keeps torch's setting."""
+    from contextlib import nullcontext
+
+    try:
+        from torch._dynamo import config
+    except ImportError:
+        return nullcontext
+    name = next((n for n in ("recompile_limit", "cache_size_limit") if isinstance(getattr(config, n, None), int)), None)
+    if name is None or getattr(config, name) >= wanted or not hasattr(config, "patch"):
+        return nullcontext
+    return lambda: config.patch(**{name: wanted})
+
+
 def bucket_count(dataset: Any) -> int:
     """How many latent shapes the dataset's batches have (1 when it does not say)."""
     info = getattr(dataset, "bucket_info", None)
@@ -156,11 +162,13 @@ def bucket_count(dataset: Any) -> int:
     return max(1, len({tuple(b.get("resolution", ())) for b in buckets.values()}))
 
 
-def compile_notes(cfg: Any, net: Any, device: Any = None) -> list[str]:
+def compile_notes(cfg: Any, net: Any, device: Any = None, shapes: int = 1) -> list[str]:
     """What the user should know before the first (slow) step."""
     notes = [f"torch_compile: compiling the UNet forward with {cfg.dynamo_backend}"
              + (f" ({cfg.dynamo_mode})" if cfg.dynamo_mode != "default" else "")
              + "; the first step (and the first of each new shape) takes minutes"]
+    if shapes > 1:
+        notes.append(f"torch_compile with {shapes} bucket resolutions: the first batch of each compiles its own graph")
     if device is not None and torch.device(device).type == "cpu" and cfg.dynamo_backend == "inductor":
         notes.append("torch_compile on a CPU: inductor's CPU code was slower than eager for SD-sized UNets in our "
                      "measurements (docs/performance.md); it pays on a GPU")

@@ -179,12 +179,12 @@ class Run:
     def _compile(self) -> Iterator[Event]:
         """Set up the compiled UNet forward (after the LoRA is attached: the compiled code must see it)."""
         cfg = self.cfg
-        forward = CompiledForward(self.backend, dynamo_backend=cfg.dynamo_backend, mode=cfg.dynamo_mode,
-                                  dynamic_hw=bucket_count(self.data) > 1)
+        shapes = bucket_count(self.data)
+        forward = CompiledForward(self.backend, dynamo_backend=cfg.dynamo_backend, mode=cfg.dynamo_mode, shapes=shapes)
         if not forward.enabled:
             yield Note(f"torch_compile is off for this run, training eagerly: {forward.failure}")
             return
-        for line in compile_notes(cfg, self.net, self.device):
+        for line in compile_notes(cfg, self.net, self.device, shapes):
             yield Note(line)
         self.forward = forward
         if forward.uses_cudagraphs and cfg.gradient_accumulation_steps > 1:

@@ -116,6 +116,33 @@ def _run(cfg, backend, control=None, pause_at=None):
     return events
 
 
+class _SizeFixingBackend:
+    """A model that fixes the latent width in its code (as the webui's ldm UNet does in its einops reshapes), so
+    every new size compiles a graph of its own."""
+
+    device = "cpu"
+
+    def predict(self, noisy, t, cond):
+        return sum(noisy[..., i] for i in range(noisy.shape[-1]))
+
+
+@needs_compile
+def test_every_bucket_shape_stays_compiled_and_the_process_limit_is_restored():
+    from torch._dynamo import config
+    from torch._dynamo.utils import counters
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(config, name)
+    fwd = CompiledForward(_SizeFixingBackend(), dynamo_backend="eager", shapes=limit)  # 2 graphs per bucket + 2
+    graphs = counters["stats"]["unique_graphs"]
+    for width in range(1, limit + 5):
+        x = torch.ones(2, 3, width)
+        assert torch.equal(fwd(x, None, None), _SizeFixingBackend().predict(x, None, None))
+    assert counters["stats"]["unique_graphs"] - graphs == limit + 4  # past torch's limit, still compiled
+    assert getattr(config, name) == limit
+    fwd.release()
+
+
 @needs_compile
 @pytest.mark.skipif(importlib.util.find_spec("tests.backends.checkpoints") is None, reason="no webui-shaped test models")
 def test_compiled_training_matches_eager_and_hands_the_model_back(tmp_path, tmp_path_factory):
