@@ -1,5 +1,7 @@
 """Against a real webui checkout (WEBUI_DIR; see docs/webui-dev.md): the tab is there, a training runs through the
-API on the loaded model, the LoRA is listed and changes txt2img, and the model gives the same image as before.
+API on the loaded model (SD1, and in their own webui starts SD2 v-prediction and SDXL), the LoRA is listed and
+changes txt2img, the model is restored bit for bit, and what training computed equals what the webui computes at
+generation (the test-only probe extension in probe_extension/ looks inside the webui for that).
 
 Skipped unless WEBUI_DIR is set. Each webui start takes ~25 s on 2 CPU cores; the tiny model trains in seconds.
 """
@@ -15,6 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.webui.webui_process import Webui, make_tiny_model, webui_python
+
+PROBE = "/lora-train-probe"
+SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}  # what the tool makes by default
 
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not WEBUI_DIR, reason="WEBUI_DIR is not set")]
@@ -99,7 +105,10 @@ def test_bad_input_gets_a_4xx_with_the_message_and_starts_nothing(webui):
     assert webui.get("/lora-train/v1/jobs") == []
 
 
-def test_training_on_the_loaded_model_lists_and_applies_the_lora_and_restores_the_model(webui):
+def train_on_the_loaded_model(webui, arch: str) -> Path:
+    """The end-to-end run every architecture gets: train `sks` through our API on the loaded model, then check the
+    files, the webui's view of them, the restored model and train / generation agreement. Returns the last epoch."""
+    digest = webui.get(PROBE + "/digest")
     before = txt2img(webui)
     assert txt2img(webui) == before  # the webui itself is deterministic for a fixed seed
     status, _ = webui.post("/lora-train/v1/projects", {"name": "sks"})
@@ -118,15 +127,63 @@ def test_training_on_the_loaded_model_lists_and_applies_the_lora_and_restores_th
     lora_dir = webui.data_dir / "models" / "Lora" / "sks"
     assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
     card = (lora_dir / "sks-02.json").read_text()
-    assert '"activation text": "sks"' in card and '"sd version": "SD1"' in card
+    assert '"activation text": "sks"' in card and f'"sd version": "{SD_VERSION[arch]}"' in card
     assert len(job["checks"]) == 2 and all(c.startswith("ok") for c in job["checks"]), job["checks"]
     assert len(job["files"]) == 2
+    final = lora_dir / "sks-02.safetensors"
+    check_every_module_learned(final, arch)
     names = {item["name"] for item in webui.get("/sdapi/v1/loras")}
     assert {"sks-01", "sks-02"} <= names
+    after = webui.get(PROBE + "/digest")
+    assert after == digest, "the model must be restored bit for bit (weights, requires_grad, patches, hooks, modes)"
     assert txt2img(webui) == before, "the model must give the same image after training"
     with_lora = txt2img(webui, prompt=TXT2IMG["prompt"] + " <lora:sks-02:1>")
     assert with_lora != before, "the trained LoRA must change the image"
     assert txt2img(webui) == before, "generation without the LoRA afterwards is unchanged"
+    check_training_matches_generation(webui, final, arch)
+    assert webui.get(PROBE + "/digest") == digest
+    return final
+
+
+def check_every_module_learned(path: Path, arch: str) -> None:
+    """lora_up starts at zero, so an all-zero up means that layer never got a gradient (a text encoder run under
+    no_grad, a checkpointed block starved of its inputs' grad). SDXL's CLIP-L is read at its penultimate hidden
+    state, so its last layer gets none, in sd-scripts as here."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    unused = f"lora_te1_text_model_encoder_layers_{1}_"  # the tiny CLIP-L has 2 layers (tools/make_tiny_checkpoint.py)
+    zero = [k for k, v in tensors.items() if k.endswith("lora_up.weight") and not v.float().abs().sum()
+            and not (arch == "sdxl" and k.startswith(unused))]
+    assert not zero, f"{len(zero)} modules learned nothing: {zero[:5]}"
+    assert any(k.startswith("lora_te") for k in tensors) and any(k.startswith("lora_unet") for k in tensors)
+
+
+def check_training_matches_generation(webui, path: Path, arch: str) -> None:
+    """Inside the webui (probe extension): a prompt and a noisy latent through our backend (what training computes)
+    and through the webui's own conditioning + apply_model (what generation computes), on the bare model and with the
+    LoRA (x30, so no mismatch hides under a small effect) applied by our network and by the built-in Lora loader.
+    A 96x64 size with a crop, so SDXL's size conditioning is checked in order. Also the training loss against ldm's
+    own p_losses (SD1/SD2, eps or v) or sgm's denoiser (SDXL: its timestep index and scaling)."""
+    status, report = webui.post(PROBE + "/consistency", {"lora": str(path), "scale_up": 30, "name": f"probe-{arch}"})
+    assert status == 200, report
+    assert (report["arch"], report["prediction"]) == (arch, PREDICTION[arch]), report
+    assert report["webui_sd_version"] == SD_VERSION[arch], "the built-in Lora reads the file's metadata as this"
+    assert report["webui_loaded"] == [f"probe-{arch}"]
+    for stage in ("bare", "with_lora"):
+        assert report[stage]["crossattn_diff"] <= 1e-5 and report[stage]["eps_diff"] <= 1e-5, report
+        assert report[stage].get("vector_diff", 0) <= 1e-5, report
+        assert report[stage].get("loss_diff", 0) <= 1e-5 and report[stage].get("denoised_diff", 0) <= 1e-4, report
+    expected = {"eps", "crossattn"} | ({"vector"} if arch == "sdxl" else set())
+    assert set(report["lora_effect"]) == expected
+    for key in expected:
+        assert report["lora_effect"][key] > 0.1, report  # the LoRA (UNet and text encoders) matters ...
+        assert report["ours_vs_webui_with_lora"][key] <= 1e-4, report  # ... and the webui applies the same one
+        assert report["after_clear_vs_bare"][key] == 0, report
+
+
+def test_training_on_the_loaded_model_lists_and_applies_the_lora_and_restores_the_model(webui):
+    train_on_the_loaded_model(webui, "sd1")
 
 
 def test_comparison_grid_through_the_webui_xyz_script(webui):
@@ -304,5 +361,22 @@ def test_no_model_loaded_says_so(tmp_path_factory, ckpt_dir):
         status, body = webui.post("/lora-train/v1/jobs", {"project": "nomodel", "config": {}})
         assert status == 400 and "no model is loaded" in body["detail"]
         assert webui.get("/lora-train/v1/jobs") == []
+    finally:
+        webui.stop()
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_training_on_sd2_and_sdxl_models(tmp_path_factory, arch):
+    """The same run on a tiny SD2 (v-prediction, OpenCLIP) and SDXL (sgm, two text encoders, size conditioning)
+    checkpoint, each in its own webui start (the webui loads one model at start)."""
+    folder = tmp_path_factory.mktemp(f"ckpt-{arch}")
+    make_tiny_model(webui_python(Path(WEBUI_DIR)), Path(WEBUI_DIR), folder, arch)
+    # SDXL's "Approx NN" live preview would download its model: off, as an offline install must have it
+    options = {"live_previews_enable": False} if arch == "sdxl" else None
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), folder, options=options)
+    try:
+        webui.wait_ready()
+        assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"].startswith(f"tiny-{arch}")
+        train_on_the_loaded_model(webui, arch)
     finally:
         webui.stop()
