@@ -282,6 +282,18 @@ def test_validate_finds_every_problem_at_once(tmp_path):
     assert "lr_scheduler" not in fields  # adafactor + Adafactor is a valid pair
 
 
+def test_validate_warns_that_the_webui_ignores_clip_skip_for_sd2(tmp_path):
+    """Seen in the real webui: for SD 2.x it always reads OpenCLIP's penultimate layer whatever Clip skip says,
+    while training (sd-scripts' meaning) goes clip_skip - 1 layers further back; the run is allowed, with a warning."""
+    sd2 = dataclasses.replace(_good(tmp_path), v2=True, v_parameterization=True, clip_skip=2)
+    problems = [p for p in validate(sd2) if p.field == "clip_skip"]
+    assert [p.severity for p in problems] == ["warning"] and "ignores clip skip for SD 2.x" in problems[0].message
+    assert errors_of(validate(sd2)) == []
+    for cfg in (dataclasses.replace(sd2, clip_skip=1), dataclasses.replace(sd2, clip_skip=None),
+                dataclasses.replace(sd2, v2=False, v_parameterization=False)):
+        assert not [p for p in validate(cfg) if p.field == "clip_skip"]
+
+
 def test_validate_dataset_problems(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
