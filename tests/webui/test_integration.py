@@ -105,7 +105,7 @@ def test_bad_input_gets_a_4xx_with_the_message_and_starts_nothing(webui):
     assert webui.get("/lora-train/v1/jobs") == []
 
 
-def train_on_the_loaded_model(webui, arch: str) -> Path:
+def train_on_the_loaded_model(webui, arch: str, network_args: list[str] = ()) -> Path:
     """The end-to-end run every architecture gets: train `sks` through our API on the loaded model, then check the
     files, the webui's view of them, the restored model and train / generation agreement. Returns the last epoch."""
     digest = webui.get(PROBE + "/digest")
@@ -114,7 +114,8 @@ def train_on_the_loaded_model(webui, arch: str) -> Path:
     status, _ = webui.post("/lora-train/v1/projects", {"name": "sks"})
     assert status == 201
     add_images(webui, "sks")
-    config = dict(TRAIN, sample_every_n_epochs=1, sample_prompts=["sks, red --w 64 --h 64 --s 4 --d 5"])
+    config = dict(TRAIN, sample_every_n_epochs=1, sample_prompts=["sks, red --w 64 --h 64 --s 4 --d 5"],
+                  network_args=list(network_args))
     status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": config})
     assert status == 201, job
     job = wait_job(webui, job["id"])
@@ -365,18 +366,63 @@ def test_no_model_loaded_says_so(tmp_path_factory, ckpt_dir):
         webui.stop()
 
 
-@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
-def test_training_on_sd2_and_sdxl_models(tmp_path_factory, arch):
-    """The same run on a tiny SD2 (v-prediction, OpenCLIP) and SDXL (sgm, two text encoders, size conditioning)
-    checkpoint, each in its own webui start (the webui loads one model at start)."""
-    folder = tmp_path_factory.mktemp(f"ckpt-{arch}")
-    make_tiny_model(webui_python(Path(WEBUI_DIR)), Path(WEBUI_DIR), folder, arch)
-    # SDXL's "Approx NN" live preview would download its model: off, as an offline install must have it
+@pytest.fixture(scope="session")
+def arch_ckpt_dir(tmp_path_factory):
+    """arch -> a folder holding only tiny-<arch> (so the webui loads that one at start), made on first use."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(f"ckpt-{arch}")
+            make_tiny_model(webui_python(Path(WEBUI_DIR)), Path(WEBUI_DIR), folder, arch)
+            made[arch] = folder
+        return made[arch]
+
+    return get
+
+
+def start_with(tmp_path_factory, folder: Path, arch: str, *args) -> Webui:
+    # SDXL's "Approx NN" live preview would download its model first: off, as an offline install must have it
     options = {"live_previews_enable": False} if arch == "sdxl" else None
-    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), folder, options=options)
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), folder, list(args), options=options)
     try:
         webui.wait_ready()
         assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"].startswith(f"tiny-{arch}")
-        train_on_the_loaded_model(webui, arch)
+    except Exception:
+        webui.stop()
+        raise
+    return webui
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_training_on_sd2_and_sdxl_models(tmp_path_factory, arch_ckpt_dir, arch):
+    """The same run on a tiny SD2 (v-prediction, OpenCLIP) and SDXL (sgm, two text encoders, size conditioning)
+    checkpoint, each in its own webui start (the webui loads one model at start). As LoCon, so the ResNet and
+    down/upsampler names (diffusers-style for SD2, ldm-style for SDXL) meet the webui's loader too."""
+    webui = start_with(tmp_path_factory, arch_ckpt_dir(arch), arch)
+    try:
+        train_on_the_loaded_model(webui, arch, network_args=["conv_dim=4", "conv_alpha=1"])
+    finally:
+        webui.stop()
+
+
+@pytest.mark.slow
+def test_medvram_sdxl_trains_sdxl_and_puts_everything_back(tmp_path_factory, arch_ckpt_dir):
+    """--medvram-sdxl, the usual flag for SDXL on 8-12 GB: its swap hooks come off for the run and go back."""
+    webui = start_with(tmp_path_factory, arch_ckpt_dir("sdxl"), "sdxl", "--medvram-sdxl")
+    try:
+        digest = webui.get(PROBE + "/digest")
+        assert digest["hooks"] > 0, "the webui's medvram hooks should be on the SDXL model"
+        before = txt2img(webui)
+        webui.post("/lora-train/v1/projects", {"name": "med"})
+        add_images(webui, "med")
+        status, job = webui.post("/lora-train/v1/jobs", {"project": "med", "config": dict(TRAIN, max_train_epochs=1)})
+        assert status == 201, job
+        job = wait_job(webui, job["id"])
+        assert job["status"] == "done", job["message"]
+        assert len(job["checks"]) == 1 and job["checks"][0].startswith("ok"), job["checks"]
+        check_every_module_learned(Path(job["files"][0]), "sdxl")
+        assert webui.get(PROBE + "/digest") == digest
+        assert txt2img(webui) == before
     finally:
         webui.stop()
