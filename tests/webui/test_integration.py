@@ -384,7 +384,8 @@ def arch_ckpt_dir(tmp_path_factory):
 def start_with(tmp_path_factory, folder: Path, arch: str, *args) -> Webui:
     # SDXL's "Approx NN" live preview would download its model first: off, as an offline install must have it
     options = {"live_previews_enable": False} if arch == "sdxl" else None
-    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), folder, list(args), options=options)
+    ckpt = ["--ckpt", str(folder / f"tiny-{arch}.safetensors")]  # the folder may also hold merged checkpoints
+    webui = Webui(Path(WEBUI_DIR), tmp_path_factory.mktemp("data"), folder, ckpt + list(args), options=options)
     try:
         webui.wait_ready()
         assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"].startswith(f"tiny-{arch}")
@@ -402,8 +403,30 @@ def test_training_on_sd2_and_sdxl_models(tmp_path_factory, arch_ckpt_dir, arch):
     webui = start_with(tmp_path_factory, arch_ckpt_dir(arch), arch)
     try:
         train_on_the_loaded_model(webui, arch, network_args=["conv_dim=4", "conv_alpha=1"])
+        check_merge_equals_the_lora(webui, f"probe-{arch}")
     finally:
         webui.stop()
+
+
+def check_merge_equals_the_lora(webui, lora: str) -> None:
+    """Our merge (SD2/SDXL: q/k/v rows of OpenCLIP's fused in_proj_weight) gives the image the built-in Lora gives
+    with `<lora:...:1>`; the strong probe copy of the trained file (x30, fp32) so the comparison means something."""
+    import numpy as np
+
+    title = webui.get("/sdapi/v1/options")["sd_model_checkpoint"]
+    status, body = webui.post("/lora-train/v1/merge", {"checkpoint": title, "name": f"merged-{lora}",
+                                                       "save_precision": "fp32", "loras": [{"name": lora}]})
+    assert status == 200, body
+
+    def pixels(**changes):
+        return np.frombuffer(txt2img(webui, **changes), dtype=np.uint8).astype(int)
+
+    base = pixels()
+    with_lora = pixels(prompt=TXT2IMG["prompt"] + f" <lora:{lora}:1>")
+    merged = pixels(override_settings={"sd_model_checkpoint": f"merged-{lora}"},
+                    override_settings_restore_afterwards=True)
+    assert np.abs(with_lora - base).mean() > 5, "the probe LoRA should change the image a lot"
+    assert np.abs(merged - with_lora).max() <= 2 and np.abs(merged - with_lora).mean() < 0.05
 
 
 @pytest.mark.slow
