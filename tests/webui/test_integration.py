@@ -165,7 +165,8 @@ def check_training_matches_generation(webui, path: Path, arch: str) -> None:
     and through the webui's own conditioning + apply_model (what generation computes), on the bare model and with the
     LoRA (x30, so no mismatch hides under a small effect) applied by our network and by the built-in Lora loader.
     A 96x64 size with a crop, so SDXL's size conditioning is checked in order. Also the training loss against ldm's
-    own p_losses (SD1/SD2, eps or v) or sgm's denoiser (SDXL: its timestep index and scaling)."""
+    own p_losses (SD1/SD2, eps or v) or sgm's denoiser (SDXL: its timestep index and scaling), and our VAE encode
+    (the latent mean training caches, scaled) and decode against the webui's first stage."""
     status, report = webui.post(PROBE + "/consistency", {"lora": str(path), "scale_up": 30, "name": f"probe-{arch}"})
     assert status == 200, report
     assert (report["arch"], report["prediction"]) == (arch, PREDICTION[arch]), report
@@ -175,6 +176,7 @@ def check_training_matches_generation(webui, path: Path, arch: str) -> None:
         assert report[stage]["crossattn_diff"] <= 1e-5 and report[stage]["eps_diff"] <= 1e-5, report
         assert report[stage].get("vector_diff", 0) <= 1e-5, report
         assert report[stage].get("loss_diff", 0) <= 1e-5 and report[stage].get("denoised_diff", 0) <= 1e-4, report
+    assert report["vae"]["encode_diff"] <= 1e-5 and report["vae"]["decode_diff"] <= 1e-4, report["vae"]
     expected = {"eps", "crossattn"} | ({"vector"} if arch == "sdxl" else set())
     assert set(report["lora_effect"]) == expected
     for key in expected:

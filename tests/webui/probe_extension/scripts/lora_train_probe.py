@@ -96,6 +96,25 @@ def _diffs(result: dict) -> dict:
     return {k: v for k, v in result.items() if k.endswith("_diff")}
 
 
+def _vae(sd_model, backend, req: dict) -> dict:
+    """Our latents (the mean, as cached for training) and decode against the webui's first stage."""
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    pixels = (torch.rand((1, 3, req["height"], req["width"]), generator=gen) * 2 - 1).to(backend.device)
+    with torch.no_grad():
+        ours = backend.encode_images(pixels, sample=False)
+        if hasattr(sd_model, "conditioner"):  # sgm's inference wrapper samples; its parent class gives the mean
+            fsm = sd_model.first_stage_model
+            theirs = type(fsm).__mro__[1].encode(fsm, pixels).mode() * sd_model.scale_factor
+        else:
+            theirs = sd_model.get_first_stage_encoding(sd_model.encode_first_stage(pixels).mode())
+        decoded = backend.decode_latents(ours)
+        theirs_decoded = sd_model.decode_first_stage(ours).clamp(-1, 1)
+    return {"encode_diff": _max_diff(ours, theirs), "decode_diff": _max_diff(decoded, theirs_decoded),
+            "latent_std": float(ours.std())}
+
+
 def _consistency(body: dict) -> dict:
     import torch
     from modules import call_queue, devices, shared
@@ -123,6 +142,7 @@ def _consistency(body: dict) -> dict:
             noise = torch.randn(shape, generator=gen).to(devices.device)
             t = torch.tensor([400], device=devices.device)
             bare = _compare(sd_model, backend, req, x, t, noise)
+            vae = _vae(sd_model, backend, req)
 
             tensors, metadata = load_lora(body["lora"])
             path = body["lora"]
@@ -149,7 +169,7 @@ def _consistency(body: dict) -> dict:
     return {
         "arch": backend.arch, "prediction": backend.prediction_type, "webui_loaded": loaded,
         "webui_sd_version": networks.available_networks[stem].sd_version.name, "modules": len(net.names()),
-        "bare": _diffs(bare),
+        "bare": _diffs(bare), "vae": vae,
         "with_lora": _diffs(ours),
         "ours_vs_webui_with_lora": lora_vs,
         "lora_effect": {k: _max_diff(ours[k], bare[k]) for k in lora_vs},
