@@ -62,6 +62,10 @@ class TrainService:
             "output_dir": str(self.host.lora_output_dir(project.name)),
             "output_name": project.name,
             "logging_dir": str(project.logs),
+            # resume state and previews stay in the project: the webui lists every .safetensors / .pt below its
+            # Lora folder, so a state folder there would show cards named "network", "optimizer", "scheduler"
+            "state_dir": str(project.state),
+            "sample_dir": str(project.samples),
         }
 
     def make_config(self, project: projects.Project, values: Mapping[str, Any] | None = None, config=None):

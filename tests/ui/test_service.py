@@ -46,6 +46,19 @@ def test_start_saves_the_settings_and_queues_a_job(service, host):
     cfg = job.config
     assert cfg.output_name == "p" and cfg.output_dir == str(host.lora_output_dir("p"))
     assert cfg.train_data_dir == str(root / "p" / "dataset") and cfg.network_dim == 8
+    # resume state and previews stay in the project (never in the Lora folder), whatever a config says
+    assert (cfg.state_dir, cfg.sample_dir) == (str(root / "p" / "state"), str(root / "p" / "samples"))
+    from lib_lora.train.outputs import state_dir
+
+    assert state_dir(cfg) == root / "p" / "state" / "p-state"
+    # a resume (API config) finds the state there, and writes the next one there again
+    state_dir(cfg).mkdir(parents=True)
+    (state_dir(cfg) / "state.json").write_text("{}")
+    import dataclasses
+
+    again = service.make_config(service.project("p"), config=dataclasses.replace(
+        cfg, resume=str(state_dir(cfg)), state_dir=str(root / "elsewhere")))
+    assert again.resume == str(state_dir(cfg)) and state_dir(again) == state_dir(cfg)
     assert (root / "p" / "project.toml").is_file()
     # reopening the project shows the saved settings
     assert service.saved_values(service.project("p"))["network_dim"] == 8
