@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..captions import caption_path, read_caption
 from ..errors import BadInput, IncompatibleFile
-from ..imagefiles import image_size, is_image_file, iter_image_files
+from ..imagefiles import TOOL_FOLDERS, image_size, is_image_file, iter_image_files
 
 Size = tuple[int, int]
 _CONCEPT = re.compile(r"^(\d+)_(.*)$")
@@ -168,8 +168,8 @@ def scan_root(root: str | Path, caption_extension: str = ".txt", is_reg: bool = 
     skipped: list[Skipped] = []
     ignored: list[Skipped] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
+        if entry.name.startswith(".") or (entry.name in TOOL_FOLDERS and entry.is_dir()):
+            continue  # hidden, or made by our own tools (duplicates moved aside): not the user's to name
         if entry.is_file():
             if is_image_file(entry):
                 ignored.append(Skipped(entry, "image outside an N_concept folder (move it into e.g. 10_concept/)"))
@@ -200,7 +200,7 @@ def scan_validation_dir(root: str | Path, caption_extension: str = ".txt") -> Sc
     if top.images:
         concepts.append(top)
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.is_dir() and not entry.name.startswith("."):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in TOOL_FOLDERS:
             parsed = parse_concept_folder(entry.name)
             concept = parsed[1] if parsed else entry.name
             found = _scan_folder(entry, "validation", 1, concept, False, caption_extension, skipped)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from ..captions import read_caption, split_tags
 from ..dataset.scan import parse_concept_folder
 from ..errors import BadInput, LoraTrainError
-from ..imagefiles import IMAGE_EXTENSIONS
+from ..imagefiles import IMAGE_EXTENSIONS, TOOL_FOLDERS
 from .dedupe import DUPLICATES_DIR, MOVE_JOURNAL
 from .tag_ops import parse_tag_list, tag_key
 
@@ -213,7 +213,7 @@ def _relative(path: Path, root: Path) -> str:
 def _layout(root: Path) -> tuple[str, list[tuple[Path, int | None]], list[Path]]:
     """('concepts' | 'flat', [(concept folder, repeats)], loose images in the root)."""
     entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
-    folders = [p for p in entries if p.is_dir() and p.name != DUPLICATES_DIR]
+    folders = [p for p in entries if p.is_dir() and p.name not in TOOL_FOLDERS]
     loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     prefixed = [p for p in folders if parse_concept_folder(p.name)]
     if prefixed or (folders and not loose):
@@ -288,7 +288,7 @@ def _scan_concept(directory: Path, root: Path, ext: str, findings: list[Finding]
     unsupported = [p for p in files if p.is_file() and p.suffix.lower() in UNSUPPORTED_EXTENSIONS]
     for p in unsupported:
         findings.append(Finding("unsupported_format", _relative(p, root), UNSUPPORTED_EXTENSIONS[p.suffix.lower()]))
-    for sub in (p for p in files if p.is_dir() and p.name != DUPLICATES_DIR):
+    for sub in (p for p in files if p.is_dir() and p.name not in TOOL_FOLDERS):
         nested = [p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
         if nested:
             findings.append(Finding("nested_images", _relative(sub, root), f"{len(nested)} images"))

@@ -72,8 +72,7 @@ def check_report(project, settings: dict | None = None) -> str:
         dataset = Dataset.build(DatasetOptions.from_config(settings))
         lines += ["", f"What training will use (resolution {settings.get('resolution')}, {buckets}; "
                       "from the Train settings last used):"]
-        aside = str(project.dataset / "_duplicates")  # where Move duplicates aside puts them: not a concept folder
-        lines += [f"- {line}" for line in dataset.summary_lines() if aside not in line]
+        lines += [f"- {line}" for line in dataset.summary_lines()]
     except BadInput as exc:
         lines += ["", f"- **error** training cannot use this dataset: {exc}"]
     return "\n".join(lines)
