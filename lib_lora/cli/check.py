@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..tagging.check import CHECKS, DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, CheckReport, check_dataset, fix_for
+from ..tagging.check import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, CheckReport, check_dataset
 
 _SHOWN_PER_GROUP = 25
 
@@ -66,12 +66,7 @@ def format_report(report: CheckReport, limit: int | None = _SHOWN_PER_GROUP) -> 
             )
     per_batch = f" at batch size {report.batch_size}" if report.batch_size > 1 else " (batch size 1)"
     lines.append(f"  steps per epoch: {report.steps_per_epoch}{per_batch}")
-    groups: dict[str, list] = {}
-    for finding in report.findings:
-        groups.setdefault(finding.code, []).append(finding)
-    for code, items in groups.items():
-        severity, title, _ = CHECKS[code]
-        fix = fix_for(code, CLI_FIXES)
+    for severity, title, fix, items in report.groups(CLI_FIXES):
         lines.append("")
         lines.append(f"{severity.upper()}: {title} ({len(items)})")
         shown = items if limit is None else items[:limit]

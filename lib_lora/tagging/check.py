@@ -126,6 +126,14 @@ class CheckReport:
         total = sum(c.steps for c in self.concepts)
         return -(-total // self.batch_size)
 
+    def groups(self, host_fixes: Mapping[str, str] | None = None) -> list[tuple[str, str, str, list[Finding]]]:
+        """(severity, title, fix in the host's words, findings) per kind of problem, in report order: what a
+        report for people lists."""
+        by_code: dict[str, list[Finding]] = {}
+        for finding in self.findings:
+            by_code.setdefault(finding.code, []).append(finding)
+        return [(*CHECKS[code][:2], fix_for(code, host_fixes), found) for code, found in by_code.items()]
+
     def to_dict(self, host_fixes: Mapping[str, str] | None = None) -> dict[str, Any]:
         """JSON-ready; the `checks` table's fixes in the host's words (see `fix_for`)."""
         return {

@@ -48,19 +48,14 @@ def check_report(project, settings: dict | None = None) -> str:
     in the tab, then what training would see (counts and buckets) with the project's saved Train settings
     (`settings`: TrainConfig values; resolution and buckets matter here)."""
     from ..dataset import Dataset, DatasetOptions
-    from ..tagging.check import CHECKS, check_dataset, fix_for
+    from ..tagging.check import check_dataset
 
     if not project.images():
         raise BadInput(f"project {project.name!r} has no images yet: import a folder first")
     report = check_dataset(project.dataset, min_side=256, activation=project.meta.activation_tag or None)
     verdict = "nothing to fix" if not report.findings else f"{report.errors} error(s), {report.warnings} warning(s)"
     lines = [f"**{report.images} images** in {len(report.concepts)} concept folder(s): {verdict}", ""]
-    by_code: dict[str, list] = {}
-    for f in report.findings:
-        by_code.setdefault(f.code, []).append(f)
-    for code, found in by_code.items():
-        severity, title, _ = CHECKS[code]
-        fix = fix_for(code, TAB_FIXES)
+    for severity, title, fix, found in report.groups(TAB_FIXES):
         shown = [f"`{f.path}`" + (f" {_OBJECT_REPR.sub('', f.detail).strip()}" if f.detail else "")
                  for f in found[:SHOWN_PER_CHECK]]
         more = f", and {len(found) - SHOWN_PER_CHECK} more" if len(found) > SHOWN_PER_CHECK else ""
