@@ -109,7 +109,9 @@ def plan_steps(
 
 def plan_from_dataset(cfg: TrainConfig, dataset, num_processes: int = 1) -> StepPlan:
     """The plan of a run over a built `lib_lora.dataset.Dataset` (buckets counted): what `train()` runs."""
-    return plan_steps(cfg, dataset.num_train_images, reg_images=getattr(dataset, "num_reg_images", 0),
+    distinct = sum(1 for p in getattr(dataset, "images", ()) if p.role == "train") or None
+    return plan_steps(cfg, dataset.num_train_images, train_images=distinct,
+                      reg_images=getattr(dataset, "num_reg_images", 0),
                       batches_per_epoch=dataset.batches_per_epoch, num_processes=num_processes)
 
 

@@ -125,6 +125,7 @@ def test_steps_line_leaves_out_broken_images_as_the_run_does(service, monkeypatc
     cfg = service.make_config(project, values)
     run = plan_from_dataset(cfg, Dataset.build(DatasetOptions.from_config(cfg)))
     assert run.total_steps == 75 and text.endswith(f"= {run.total_steps} steps") and repeated == 50
+    assert run.describe(cfg).startswith("10 images x repeats = 50 per epoch")  # distinct images, then with repeats
     assert lhs == "10 images x 5 repeats = 50 (1 unreadable image left out: Dataset > Check images)"
 
     decoded = []
