@@ -35,7 +35,7 @@ from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
 from .textcond import TextConditioner
-from .steps import plan_steps
+from .steps import plan_from_dataset
 from .validate import errors_of, raise_for_problems, validate
 
 class NonFiniteLoss(Exception):
@@ -90,8 +90,7 @@ class Run:
         data_seed = getattr(self.data, "seed", None)
         seed = loaded.state.seed if loaded else cfg.seed if cfg.seed is not None else data_seed if data_seed is not None else random.randrange(2**31)
         self.seed = seed
-        self.plan = plan_steps(cfg, self.data.num_train_images, reg_images=getattr(self.data, "num_reg_images", 0),
-                               batches_per_epoch=self.data.batches_per_epoch, num_processes=self.dist.world)
+        self.plan = plan_from_dataset(cfg, self.data, self.dist.world)
         if self.plan.total_steps < 1:
             raise BadInput("the dataset gives no training step (check repeats and train_batch_size)")
         self.state = loaded.state if loaded else TrainState(seed=seed, total_steps=self.plan.total_steps, started_at=time.time(),

@@ -105,7 +105,8 @@ def test_training_lowers_the_loss_on_a_fixed_eval_set(tmp_path, data_dir, backen
 
 def test_epoch_files_names_metadata_and_log(tmp_path, data_dir, backend):
     cfg = _cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=2, sample_every_n_epochs=3,
-               sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5 --n ugly",), training_comment="hello")
+               sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5 --n ugly",), training_comment="hello",
+               sample_dir=str(tmp_path / "previews"))
     events = _run(cfg, backend)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-02.safetensors", "tiny-03.safetensors"]
@@ -122,6 +123,7 @@ def test_epoch_files_names_metadata_and_log(tmp_path, data_dir, backend):
     assert side["sd version"] == "SD1" and side["activation text"] == "mychar, style"
     samples = [e for e in events if isinstance(e, Sample)]
     assert len(samples) == 1 and samples[0].epoch == 3 and all(p.endswith(".png") for p in samples[0].paths)
+    assert [p.name for p in (tmp_path / "previews").iterdir()] == ["tiny_e000003_00.png"] and not (out / "sample").exists()
     steps = [e for e in events if isinstance(e, StepEnd)]
     assert [e.step for e in steps] == list(range(1, 16)) and steps[-1].total_steps == 15
     log = (out / "logs" / "tiny_loss.csv").read_text().splitlines()
