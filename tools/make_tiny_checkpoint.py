@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prediction", choices=("eps", "v"),
                         help="eps or v (v-prediction); default v for sd2, eps for sd1 and sdxl")
     parser.add_argument("--ldm-path", help="folder holding the `ldm` package (the webui's stablediffusion repository)")
-    parser.add_argument("--sgm-path", help="folder holding the `sgm` package (the webui's generative-models repository)")
+    parser.add_argument("--sgm-path", help="folder holding the `sgm` package (the webui's generative-models repo)")
     parser.add_argument("--open-clip-config-dir", metavar="auto|DIR",
                         help="sd2/sdxl: also write the tiny OpenCLIP architecture JSON into this open_clip "
                              "model_configs folder ('auto': this Python's open_clip; run with the webui's venv)")
@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     if args.hf_cache:
         install_hf_cache(clip_dir, Path(args.hf_cache).resolve())
     params = sum(v.numel() for v in state.values())
-    print(f"wrote {out} ({args.arch}, {prediction}, {params / 1e6:.2f} M values), {out.with_suffix('.yaml')}, {clip_dir}")
+    print(f"wrote {out} ({args.arch}, {prediction}, {params / 1e6:.2f} M values), {out.with_suffix('.yaml')}, "
+          f"{clip_dir}")
     if installed:
         print(f"installed the OpenCLIP architecture {OPEN_CLIP_ARCH!r} as {installed}")
     return 0
