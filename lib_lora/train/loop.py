@@ -369,7 +369,7 @@ class Run:
     def _sample(self, epoch: int) -> Iterator[Event]:
         if not self.dist.is_main:
             return
-        images = []
+        images, failure = [], None
         self.net.train(False)
         try:
             with torch.no_grad():
@@ -381,9 +381,16 @@ class Run:
                         sampler=p.sampler or self.cfg.sample_sampler, clip_skip=self.cfg.clip_skip or 1,
                         max_tokens=self.cfg.max_token_length or 75)
                     images += list(out) if isinstance(out, (list, tuple)) else [out]
+        except Exception as exc:  # a preview is never worth the epochs still to train
+            failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         finally:
             self.net.train(True)
-        yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
+        if failure:
+            yield Note(f"preview samples of epoch {epoch} failed and were skipped ({failure}); training goes on")
+        if images:
+            yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
 
     def _save_state(self, folder, epoch: int) -> Iterator[Event]:
         if self.dist.is_main:
