@@ -15,13 +15,20 @@ from .errors import BadInput, IncompatibleFile
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+# Folders our own tools make inside a dataset (the duplicate finder moves duplicates into `_duplicates/`). They hold
+# no training data and the user did not make them: the scan skips them without listing them as folders it ignored,
+# and recursive listings (taggers, the duplicate finder) do not walk into them.
+DUPLICATES_DIR = "_duplicates"
+TOOL_FOLDERS = frozenset({DUPLICATES_DIR})
+
 
 def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def iter_image_files(folder: str | os.PathLike, recursive: bool = False) -> Iterator[Path]:
-    """Image files under `folder` in a stable (sorted) order; hidden files and folders (`.name`) are skipped."""
+    """Image files under `folder` in a stable (sorted) order; hidden files and folders (`.name`) are skipped, and
+    so are our tools' folders (TOOL_FOLDERS) when recursing."""
     root = Path(folder)
     if not root.is_dir():
         raise BadInput(f"folder does not exist: {root}")
@@ -30,7 +37,7 @@ def iter_image_files(folder: str | os.PathLike, recursive: bool = False) -> Iter
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            if recursive:
+            if recursive and entry.name not in TOOL_FOLDERS:
                 yield from iter_image_files(entry, recursive=True)
         elif is_image_file(entry):
             yield entry

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -238,10 +238,38 @@ class Backend(abc.ABC):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels in [-1, 1] (float32)."""
 
-    @abc.abstractmethod
     def encode_prompts(self, texts: Sequence[str], clip_skip: int = 1, max_tokens: int = 75, sizes=None, *,
                        pad_chunks: bool = False) -> Cond:
-        """Captions -> Cond (text.py has the 75-token chunking). Gradients flow only while the text encoders train."""
+        """Captions -> Cond (text.py has the 75-token chunking). Gradients flow only while the text encoders train.
+        The checks, tokens, chunks and the Cond are the same for every backend; `_encode_chunks` runs its encoders."""
+        from . import text as T
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise BadInput("no captions to encode")
+        clip_skip = int(clip_skip)
+        if clip_skip < 1:
+            raise BadInput(f"clip_skip must be 1 or more; got {clip_skip}")
+        tokens = T.tokenize(self.tokenizer, texts)
+        batch = len(texts)
+
+        def ids(pad_id: int) -> torch.Tensor:
+            chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
+            return chunked.reshape(-1, T.CONTEXT).to(self.device)
+
+        with self._text_on_device(), self._text_grad_context(), self.autocast():
+            states, pooled = self._encode_chunks(ids, clip_skip)
+        crossattn = T.join_chunks(states.float(), batch)
+        if pooled is None:
+            return Cond(crossattn)
+        pooled = pooled.float().reshape(batch, -1, pooled.shape[-1])[:, 0]  # SDXL: pooled from each caption's chunk 0
+        return Cond(crossattn, pooled, size_ids(sizes, batch, self.device))
+
+    @abc.abstractmethod
+    def _encode_chunks(self, ids: Callable[[int], torch.Tensor],
+                       clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoders over every 75-token chunk: (states (B*k, 77, D), pooled (B*k, P) for SDXL else None).
+        `ids(pad_id)` gives the chunks' token ids padded with that encoder's pad token, on the device."""
 
     @abc.abstractmethod
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -25,7 +25,6 @@ from .base import (
     module_device,
     module_dtype,
     scaled_linear_alphas_cumprod,
-    size_ids,
 )
 
 _DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -193,30 +192,14 @@ class DiffusersBackend(Backend):
             pixels = self.vae.decode(z).sample
         return pixels.float().clamp(-1, 1)
 
-    def encode_prompts(self, texts, clip_skip=1, max_tokens=75, sizes=None, *, pad_chunks=False) -> Cond:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise BadInput("no captions to encode")
-        if int(clip_skip) < 1:
-            raise BadInput(f"clip_skip must be 1 or more; got {clip_skip}")
-        tokens = T.tokenize(self.tokenizer, texts)
-        batch = len(texts)
-
-        def ids(pad_id: int) -> torch.Tensor:
-            chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
-            return chunked.reshape(-1, T.CONTEXT).to(self.device)
-
-        with self._text_on_device(), self._text_grad_context(), self.autocast():
-            if self.arch != "sdxl":
-                pad = 0 if self.arch == "sd2" else T.EOS_ID  # SD2's encoder is OpenCLIP: pads with 0
-                states = T.encode_hf_clip(self.text_encoder, ids(pad), clip_skip=int(clip_skip))
-                return Cond(T.join_chunks(states, batch).float())
-            # SDXL: CLIP-L hidden layer -2 (no final norm) ++ OpenCLIP-bigG penultimate; pooled from chunk 0
-            states1 = T.encode_hf_clip(self.text_encoder, ids(T.EOS_ID), hidden_index=-2)
-            states2, pooled = T.encode_hf_clip(self.text_encoder_2, ids(0), hidden_index=-2, pooled=True)
-        crossattn = T.join_chunks(torch.cat([states1.float(), states2.float()], dim=-1), batch)
-        pooled = pooled.float().reshape(batch, -1, pooled.shape[-1])[:, 0]
-        return Cond(crossattn, pooled, size_ids(sizes, batch, self.device))
+    def _encode_chunks(self, ids, clip_skip):
+        if self.arch != "sdxl":
+            pad = 0 if self.arch == "sd2" else T.EOS_ID  # SD2's encoder is OpenCLIP: pads with 0
+            return T.encode_hf_clip(self.text_encoder, ids(pad), clip_skip=clip_skip), None
+        # SDXL: CLIP-L hidden layer -2 (no final norm) ++ OpenCLIP-bigG penultimate; pooled from chunk 0
+        states1 = T.encode_hf_clip(self.text_encoder, ids(T.EOS_ID), hidden_index=-2)
+        states2, pooled = T.encode_hf_clip(self.text_encoder_2, ids(0), hidden_index=-2, pooled=True)
+        return torch.cat([states1.float(), states2.float()], dim=-1), pooled
 
     def predict(self, noisy, timesteps, cond: Cond):
         noisy = noisy.to(self.device)

@@ -24,7 +24,6 @@ from .base import (
     module_device,
     module_dtype,
     scaled_linear_alphas_cumprod,
-    size_ids,
 )
 
 
@@ -167,38 +166,20 @@ class LdmBackend(Backend):
         return pixels.float().clamp(-1, 1)
 
     # ---- text -------------------------------------------------------------------------------------------------
-    def encode_prompts(self, texts, clip_skip=1, max_tokens=75, sizes=None, *, pad_chunks=False) -> Cond:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            raise BadInput("no captions to encode")
-        clip_skip = int(clip_skip)
-        if clip_skip < 1:
-            raise BadInput(f"clip_skip must be 1 or more; got {clip_skip}")
-        tokens = T.tokenize(self.tokenizer, texts)
-        batch = len(texts)
-
-        def ids(pad_id: int) -> torch.Tensor:
-            chunked = T.chunk_ids(tokens, max_tokens=max_tokens, pad_id=pad_id, pad_chunks=pad_chunks)
-            return chunked.reshape(-1, T.CONTEXT).to(self.device)
-
-        with self._text_on_device(), self._text_grad_context(), self.autocast():
-            if self.arch == "sd1":
-                states = T.encode_hf_clip(self.te.transformer, ids(T.EOS_ID), clip_skip=clip_skip)
-                return Cond(T.join_chunks(states, batch).float())
-            if self.arch == "sd2":  # OpenCLIP: penultimate (+ clip skip beyond it) then ln_final, pad 0
-                skip = int(getattr(self.te, "layer_idx", 1)) + clip_skip - 1
-                states = T.encode_open_clip(self.te.model, ids(0), skip_last=skip, final_norm=True)
-                return Cond(T.join_chunks(states, batch).float())
-            # SDXL: CLIP-L at its configured hidden layer (no final norm) ++ bigG penultimate (no ln_final)
-            if getattr(self.te1, "layer", "hidden") == "hidden":
-                states1 = T.encode_hf_clip(self.te1.transformer, ids(T.EOS_ID), hidden_index=int(self.te1.layer_idx))
-            else:
-                states1 = T.encode_hf_clip(self.te1.transformer, ids(T.EOS_ID))
-            skip2 = 1 if getattr(self.te2, "layer", "penultimate") == "penultimate" else 0
-            states2, pooled = T.encode_open_clip(self.te2.model, ids(0), skip_last=skip2, final_norm=False, pooled=True)
-        crossattn = T.join_chunks(torch.cat([states1.float(), states2.float()], dim=-1), batch)
-        pooled = pooled.float().reshape(batch, -1, pooled.shape[-1])[:, 0]
-        return Cond(crossattn, pooled, size_ids(sizes, batch, self.device))
+    def _encode_chunks(self, ids, clip_skip):
+        if self.arch == "sd1":
+            return T.encode_hf_clip(self.te.transformer, ids(T.EOS_ID), clip_skip=clip_skip), None
+        if self.arch == "sd2":  # OpenCLIP: penultimate (+ clip skip beyond it) then ln_final, pad 0
+            skip = int(getattr(self.te, "layer_idx", 1)) + clip_skip - 1
+            return T.encode_open_clip(self.te.model, ids(0), skip_last=skip, final_norm=True), None
+        # SDXL: CLIP-L at its configured hidden layer (no final norm) ++ bigG penultimate (no ln_final)
+        if getattr(self.te1, "layer", "hidden") == "hidden":
+            states1 = T.encode_hf_clip(self.te1.transformer, ids(T.EOS_ID), hidden_index=int(self.te1.layer_idx))
+        else:
+            states1 = T.encode_hf_clip(self.te1.transformer, ids(T.EOS_ID))
+        skip2 = 1 if getattr(self.te2, "layer", "penultimate") == "penultimate" else 0
+        states2, pooled = T.encode_open_clip(self.te2.model, ids(0), skip_last=skip2, final_norm=False, pooled=True)
+        return torch.cat([states1.float(), states2.float()], dim=-1), pooled
 
     def sdxl_vector(self, cond: Cond, latents: torch.Tensor | None = None) -> torch.Tensor:
         """sgm's `vector` (the UNet's `y`): pooled text ++ the size embeddings, in the conditioner's order."""

@@ -5,9 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..tagging.check import CHECKS, DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, CheckReport, check_dataset
+from ..tagging.check import DEFAULT_MAX_SIDE, DEFAULT_MIN_SIDE, CheckReport, check_dataset
 
 _SHOWN_PER_GROUP = 25
+
+# the fixes this CLI has a command for (the report's own are host-neutral)
+CLI_FIXES = {
+    "interrupted_move": "run python -m lib_lora dedupe DIR --move to finish it (images and captions stay paired)",
+    "missing_caption": "caption them (python -m lib_lora tag DIR); without one the folder name is the caption",
+    "empty_caption": "write the tags or run python -m lib_lora tag DIR --mode skip",
+    "activation_missing": "python -m lib_lora tags DIR --activation TAG puts it first in every caption "
+                          "(check --activation TAG names the tag instead of guessing it)",
+    "activation_not_first": "python -m lib_lora tags DIR --activation TAG moves it first (keep_tokens relies on that)",
+    "tokens_over_150": "shorten them or train with --max_token_length 225",
+    "tokens_over_75": "shorten them or train with --max_token_length 150 (or 225)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        print(json.dumps(report.to_dict(CLI_FIXES), indent=2, ensure_ascii=False))
     else:
         print("\n".join(format_report(report, None if args.all else _SHOWN_PER_GROUP)))
     return 1 if report.errors else 0
@@ -54,11 +66,7 @@ def format_report(report: CheckReport, limit: int | None = _SHOWN_PER_GROUP) -> 
             )
     per_batch = f" at batch size {report.batch_size}" if report.batch_size > 1 else " (batch size 1)"
     lines.append(f"  steps per epoch: {report.steps_per_epoch}{per_batch}")
-    groups: dict[str, list] = {}
-    for finding in report.findings:
-        groups.setdefault(finding.code, []).append(finding)
-    for code, items in groups.items():
-        severity, title, fix = CHECKS[code]
+    for severity, title, fix, items in report.groups(CLI_FIXES):
         lines.append("")
         lines.append(f"{severity.upper()}: {title} ({len(items)})")
         shown = items if limit is None else items[:limit]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..captions import caption_path, read_caption
 from ..errors import BadInput, IncompatibleFile
-from ..imagefiles import image_size, is_image_file, iter_image_files
+from ..imagefiles import TOOL_FOLDERS, image_size, is_image_file, iter_image_files
 
 Size = tuple[int, int]
 _CONCEPT = re.compile(r"^(\d+)_(.*)$")
@@ -80,12 +80,53 @@ def read_image_caption(image: Path, extension: str) -> str | None:
     return first or None
 
 
+# (path, modification time, bytes) -> (width, height), or the reason it cannot be read. The tab's live step count
+# asks on every keystroke which images training will use; decoding each again would make typing lag.
+_CHECKED: dict[tuple[str, int, int], Size | str] = {}
+_CHECKED_MAX = 100_000
+
+
+def checked_image_size(path: Path) -> Size:
+    """`image_size` (the whole file decoded once), remembered until the file changes. Raises IncompatibleFile for
+    an unreadable image, again from memory when asked again."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise IncompatibleFile(f"cannot read image {path}: {exc.strerror or exc}") from exc
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    known = _CHECKED.get(key)
+    if known is None:
+        try:
+            known = image_size(path)
+        except IncompatibleFile as exc:
+            known = _cause(exc)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = known
+    if isinstance(known, str):
+        raise IncompatibleFile(f"cannot read image {path}: {known}") from OSError(known)
+    return known
+
+
+def usable_image_count(folder: Path) -> tuple[int, int]:
+    """(images the scan will use, unreadable ones) in one concept folder, by the scan's own test."""
+    usable = unreadable = 0
+    for path in iter_image_files(folder):
+        try:
+            checked_image_size(path)
+        except IncompatibleFile:
+            unreadable += 1
+        else:
+            usable += 1
+    return usable, unreadable
+
+
 def _scan_folder(folder: Path, root_tag: str, repeats: int, concept: str, is_reg: bool, caption_extension: str,
                  skipped: list[Skipped]) -> Concept:
     images = []
     for path in iter_image_files(folder):
         try:
-            size = image_size(path)
+            size = checked_image_size(path)
             caption = read_image_caption(path, caption_extension)
         except IncompatibleFile as exc:
             skipped.append(Skipped(path, f"unreadable image ({_cause(exc)})"))
@@ -127,8 +168,8 @@ def scan_root(root: str | Path, caption_extension: str = ".txt", is_reg: bool = 
     skipped: list[Skipped] = []
     ignored: list[Skipped] = []
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith("."):
-            continue
+        if entry.name.startswith(".") or (entry.name in TOOL_FOLDERS and entry.is_dir()):
+            continue  # hidden, or made by our own tools (duplicates moved aside): not the user's to name
         if entry.is_file():
             if is_image_file(entry):
                 ignored.append(Skipped(entry, "image outside an N_concept folder (move it into e.g. 10_concept/)"))
@@ -159,7 +200,7 @@ def scan_validation_dir(root: str | Path, caption_extension: str = ".txt") -> Sc
     if top.images:
         concepts.append(top)
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.is_dir() and not entry.name.startswith("."):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in TOOL_FOLDERS:
             parsed = parse_concept_folder(entry.name)
             concept = parsed[1] if parsed else entry.name
             found = _scan_folder(entry, "validation", 1, concept, False, caption_extension, skipped)

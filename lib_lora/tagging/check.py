@@ -15,21 +15,23 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..captions import read_caption, split_tags
 from ..dataset.scan import parse_concept_folder
 from ..errors import BadInput, LoraTrainError
-from ..imagefiles import IMAGE_EXTENSIONS
+from ..imagefiles import IMAGE_EXTENSIONS, TOOL_FOLDERS
 from .dedupe import DUPLICATES_DIR, MOVE_JOURNAL
 from .tag_ops import parse_tag_list, tag_key
 
-# code -> (severity, title, fix). Order here is the order of the report.
+# code -> (severity, title, fix). Order here is the order of the report. The fix says what to do without naming a
+# command or a button: the same report is read in a terminal and in the tab. A host adds its own words for the
+# codes it has a tool for (`fix_for(code, host_fixes)`: lib_lora/cli/check.py, lib_lora/ui/tab_dataset.py).
 CHECKS: dict[str, tuple[str, str, str]] = {
     "no_images": ("error", "no images to train on", "put .png/.jpg/.webp images in N_concept folders (e.g. 10_mychar)"),
     "unreadable": ("error", "unreadable or truncated images", "re-export or delete these files; they cannot be decoded"),
     "same_stem": ("error", "images that share one caption file", "rename so each image has its own name: 1.png and 1.jpg both read 1.txt"),
-    "interrupted_move": ("warning", "an interrupted duplicate move", "run python -m lib_lora dedupe DIR --move to finish it (images and captions stay paired)"),
+    "interrupted_move": ("warning", "an interrupted duplicate move", "move the duplicates aside again: the move finishes first (images and captions stay paired)"),
     "no_repeats_prefix": ("warning", "concept folders without the N_ repeats prefix", "rename to e.g. 10_name (10 = repeats); trainers that follow sd-scripts skip these folders"),
     "loose_images": ("warning", "images beside the concept folders", "move them into an N_concept folder; images in the dataset root are not trained"),
     "nested_images": ("warning", "images in folders inside a concept folder", "move them up into the concept folder; subfolders are not read"),
@@ -41,15 +43,15 @@ CHECKS: dict[str, tuple[str, str, str]] = {
     "animated": ("warning", "animated images", "only the first frame is used; export the frame you want as PNG"),
     "transparency": ("warning", "images with transparent pixels", "flatten them on the background you want; transparent areas are trained as white"),
     "grayscale": ("warning", "grayscale images", "the LoRA may learn grayscale: tag them 'monochrome, greyscale' or remove them"),
-    "missing_caption": ("warning", "images without a caption", "caption them (python -m lib_lora tag DIR); without one the folder name is the caption"),
+    "missing_caption": ("warning", "images without a caption", "caption them with a tagger or by hand; without one the folder name is the caption"),
     "orphan_caption": ("warning", "captions without an image", "delete them or restore the image with the same name"),
-    "empty_caption": ("warning", "empty captions", "write the tags or run python -m lib_lora tag DIR --mode skip"),
+    "empty_caption": ("warning", "empty captions", "write the tags, or run a tagger that leaves captioned images alone"),
     "multiline_caption": ("warning", "captions on several lines", "join them into one line; sd-scripts reads only the first line"),
-    "activation_missing": ("warning", "captions without the activation tag", "python -m lib_lora tags DIR --activation TAG puts it first in every caption"),
+    "activation_missing": ("warning", "captions without the activation tag", "put the activation tag first in every caption"),
     "tokens_over_225": ("warning", "captions over 225 CLIP tokens", "shorten them: tokens past 225 are cut off even with max_token_length 225"),
     "tokens_over_150": ("warning", "captions over 150 CLIP tokens", "shorten them or train with max_token_length 225"),
     "tokens_over_75": ("warning", "captions over 75 CLIP tokens", "shorten them or train with max_token_length 150 (or 225)"),
-    "activation_not_first": ("info", "captions where the activation tag is not first", "python -m lib_lora tags DIR --activation TAG moves it first (keep_tokens relies on that)"),
+    "activation_not_first": ("info", "captions where the activation tag is not first", "move the activation tag first in every caption (keep_tokens relies on that)"),
     "token_count_skipped": ("info", "caption lengths not counted", "install open-clip-torch (for CLIP's vocabulary) and transformers"),
     "flat_folder": ("info", "one flat folder of images", "to set repeats, put it in a folder named N_name (e.g. 10_mychar)"),
 }
@@ -64,6 +66,11 @@ UNSUPPORTED_EXTENSIONS = {
 _COUNT_TAG = re.compile(r"^(\d\+?(girls?|boys?|others?)|solo|no humans|multiple (girls|boys)|(male|female) focus)$")
 DEFAULT_MIN_SIDE = 512
 DEFAULT_MAX_SIDE = 4096
+
+
+def fix_for(code: str, host_fixes: Mapping[str, str] | None = None) -> str:
+    """The fix line of `code` in the host's words (its tools by name) where it has them, else the neutral one."""
+    return (host_fixes or {}).get(code) or CHECKS[code][2]
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,16 @@ class CheckReport:
         total = sum(c.steps for c in self.concepts)
         return -(-total // self.batch_size)
 
-    def to_dict(self) -> dict[str, Any]:
+    def groups(self, host_fixes: Mapping[str, str] | None = None) -> list[tuple[str, str, str, list[Finding]]]:
+        """(severity, title, fix in the host's words, findings) per kind of problem, in report order: what a
+        report for people lists."""
+        by_code: dict[str, list[Finding]] = {}
+        for finding in self.findings:
+            by_code.setdefault(finding.code, []).append(finding)
+        return [(*CHECKS[code][:2], fix_for(code, host_fixes), found) for code, found in by_code.items()]
+
+    def to_dict(self, host_fixes: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """JSON-ready; the `checks` table's fixes in the host's words (see `fix_for`)."""
         return {
             "root": str(self.root),
             "layout": self.layout,
@@ -133,7 +149,8 @@ class CheckReport:
             "errors": self.errors,
             "warnings": self.warnings,
             "findings": [{"code": f.code, "severity": f.severity, "path": f.path, "detail": f.detail} for f in self.findings],
-            "checks": {code: {"severity": s, "title": t, "fix": h} for code, (s, t, h) in CHECKS.items()},
+            "checks": {code: {"severity": s, "title": t, "fix": fix_for(code, host_fixes)}
+                       for code, (s, t, _) in CHECKS.items()},
         }
 
 
@@ -213,7 +230,7 @@ def _relative(path: Path, root: Path) -> str:
 def _layout(root: Path) -> tuple[str, list[tuple[Path, int | None]], list[Path]]:
     """('concepts' | 'flat', [(concept folder, repeats)], loose images in the root)."""
     entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
-    folders = [p for p in entries if p.is_dir() and p.name != DUPLICATES_DIR]
+    folders = [p for p in entries if p.is_dir() and p.name not in TOOL_FOLDERS]
     loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     prefixed = [p for p in folders if parse_concept_folder(p.name)]
     if prefixed or (folders and not loose):
@@ -288,7 +305,7 @@ def _scan_concept(directory: Path, root: Path, ext: str, findings: list[Finding]
     unsupported = [p for p in files if p.is_file() and p.suffix.lower() in UNSUPPORTED_EXTENSIONS]
     for p in unsupported:
         findings.append(Finding("unsupported_format", _relative(p, root), UNSUPPORTED_EXTENSIONS[p.suffix.lower()]))
-    for sub in (p for p in files if p.is_dir() and p.name != DUPLICATES_DIR):
+    for sub in (p for p in files if p.is_dir() and p.name not in TOOL_FOLDERS):
         nested = [p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
         if nested:
             findings.append(Finding("nested_images", _relative(sub, root), f"{len(nested)} images"))
@@ -335,7 +352,7 @@ def _check_activation(
         if len(tagged) < 3 or n < 0.6 * len(tagged) or n == len(tagged) or _COUNT_TAG.match(key):
             return
         keys = [key]
-        guessed = f" (guessed: first tag of {n} of {len(tagged)} captions in {concept.folder}; set it with --activation)"
+        guessed = f" (guessed: first tag of {n} of {len(tagged)} captions in {concept.folder})"
     for cap, tags in sorted(tagged.items()):
         tag_keys = [tag_key(t) for t in tags]
         missing = [k for k in keys if k not in tag_keys]

@@ -32,9 +32,8 @@ import numpy as np
 from ..captions import caption_path
 from ..errors import BadInput, IncompatibleFile
 from ..fsutil import atomic_write_bytes, atomic_write_text
-from ..imagefiles import IMAGE_EXTENSIONS, iter_image_files, open_image_rgb
+from ..imagefiles import DUPLICATES_DIR, IMAGE_EXTENSIONS, iter_image_files, open_image_rgb
 
-DUPLICATES_DIR = "_duplicates"
 MOVE_JOURNAL = ".moves.json"
 
 DEFAULT_THRESHOLD = 32  # differing bits, scaled to 256 compared bits; see docs/dataset-tools.md for the numbers
@@ -328,8 +327,7 @@ def dataset_images(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise BadInput(f"not a folder: {root}" if root.exists() else f"folder does not exist: {root}")
-    skip = (root / DUPLICATES_DIR).resolve()
-    return [p for p in iter_image_files(root, recursive=True) if skip not in p.resolve().parents]
+    return list(iter_image_files(root, recursive=True))  # which does not walk into DUPLICATES_DIR
 
 
 def find_duplicates(

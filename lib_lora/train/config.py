@@ -120,6 +120,7 @@ class TrainConfig:
     save_precision: str = _f("fp16", "precision of the saved LoRA", "output", SAVE_PRECISIONS)
     save_every_n_epochs: int | None = _f(None, "save <name>-NN.safetensors every N epochs (the last epoch always)", "output")
     save_state: bool = _f(False, "save resumable state (optimizer, scheduler, step) with each saved epoch", "output")
+    state_dir: str | None = _f(None, "folder for the state folders (save_state, interrupt; default: output_dir)", "output")
     resume: str = _f("", "resume from this state folder", "output")
     training_comment: str = _f("", "comment stored in the LoRA metadata", "output")
 
@@ -127,6 +128,7 @@ class TrainConfig:
     sample_every_n_epochs: int | None = _f(None, "generate sample images every N epochs", "sampling")
     sample_prompts: str | tuple[str, ...] = _f("", "a prompt file (kohya syntax: --w --h --s --l --d --n), or a list of prompts", "sampling")
     sample_sampler: str = _f("ddim", "sampler for the sample images", "sampling", SAMPLERS)
+    sample_dir: str | None = _f(None, "folder for the sample images (default: <output_dir>/sample)", "sampling")
     logging_dir: str = _f("", "folder for the loss log (CSV; tensorboard too when log_with says so)", "logging")
     log_with: str = _f("", "tensorboard: required; '' (default): tensorboard when installed; the CSV is always written", "logging", LOG_WITH)
     dry_run: bool = _f(False, "print the dataset summary, steps, memory and time estimate; write nothing", "logging")

@@ -36,7 +36,7 @@ from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
 from .textcond import TextConditioner
-from .steps import plan_steps
+from .steps import plan_from_dataset
 from .validate import errors_of, raise_for_problems, validate
 
 class NonFiniteLoss(Exception):
@@ -94,8 +94,7 @@ class Run:
         data_seed = getattr(self.data, "seed", None)
         seed = loaded.state.seed if loaded else cfg.seed if cfg.seed is not None else data_seed if data_seed is not None else random.randrange(2**31)
         self.seed = seed
-        self.plan = plan_steps(cfg, self.data.num_train_images, reg_images=getattr(self.data, "num_reg_images", 0),
-                               batches_per_epoch=self.data.batches_per_epoch, num_processes=self.dist.world)
+        self.plan = plan_from_dataset(cfg, self.data, self.dist.world)
         if self.plan.total_steps < 1:
             raise BadInput("the dataset gives no training step (check repeats and train_batch_size)")
         self.state = loaded.state if loaded else TrainState(seed=seed, total_steps=self.plan.total_steps, started_at=time.time(),
@@ -414,7 +413,7 @@ class Run:
     def _sample(self, epoch: int) -> Iterator[Event]:
         if not self.dist.is_main:
             return
-        images = []
+        images, failure = [], None
         self.net.train(False)
         try:
             with torch.no_grad():
@@ -426,9 +425,16 @@ class Run:
                         sampler=p.sampler or self.cfg.sample_sampler, clip_skip=self.cfg.clip_skip or 1,
                         max_tokens=self.cfg.max_token_length or 75)
                     images += list(out) if isinstance(out, (list, tuple)) else [out]
+        except Exception as exc:  # a preview is never worth the epochs still to train
+            failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         finally:
             self.net.train(True)
-        yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
+        if failure:
+            yield Note(f"preview samples of epoch {epoch} failed and were skipped ({failure}); training goes on")
+        if images:
+            yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
 
     def _save_state(self, folder, epoch: int) -> Iterator[Event]:
         if self.dist.is_main:

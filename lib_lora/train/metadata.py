@@ -12,14 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..network.metadata import base_model_version as network_base_model_version
 from .config import TrainConfig, effective_lrs, resolution_wh
 
 
 def base_model_version(arch: str, prediction_type: str) -> str:
-    if arch == "sdxl":
-        return "sdxl_base_v1-0"
-    v = "_v" if prediction_type == "v_prediction" else ""
-    return f"sd_v2{v}" if arch == "sd2" else f"sd_v1{v}"
+    """`ss_base_model_version` from the backend's prediction type (the network package's table)."""
+    return network_base_model_version(arch, prediction_type == "v_prediction")
 
 
 def training_metadata(

@@ -29,9 +29,11 @@ def step_file(cfg: TrainConfig, step: int) -> Path:
 
 
 def state_dir(cfg: TrainConfig, epoch: int | None = None) -> Path:
-    """`<name>-NN-state` for an epoch's state, `<name>-state` for the latest (interrupt, end of run)."""
+    """`<name>-NN-state` for an epoch's state, `<name>-state` for the latest (interrupt, end of run), in
+    `state_dir` when set (the tab keeps them out of the webui's Lora folder, which would list their
+    network.safetensors / optimizer.pt as LoRA cards), else beside the epoch files as sd-scripts puts them."""
     suffix = "-state" if epoch is None else f"-{epoch:02d}-state"
-    return Path(cfg.output_dir) / f"{cfg.output_name}{suffix}"
+    return Path(cfg.state_dir or cfg.output_dir) / f"{cfg.output_name}{suffix}"
 
 
 def logs_dir(cfg: TrainConfig) -> Path:
@@ -39,7 +41,8 @@ def logs_dir(cfg: TrainConfig) -> Path:
 
 
 def samples_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.output_dir) / "sample"
+    """`sample_dir` when set, else sd-scripts' `<output_dir>/sample`."""
+    return Path(cfg.sample_dir) if cfg.sample_dir else Path(cfg.output_dir) / "sample"
 
 
 def save_samples(cfg: TrainConfig, epoch: int, images: list) -> list[Path]:

@@ -29,8 +29,8 @@ STATE_FILE = "state.json"
 # seed (a resumed run takes the state's), the starting weights (the state's replace them), gradient checkpointing
 # (the same arithmetic, recomputed: turning it on after an out-of-memory stop is a normal resume)
 _NOT_NUMERIC = frozenset({
-    "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_state", "resume", "training_comment",
-    "sample_every_n_epochs", "sample_prompts", "sample_sampler", "logging_dir", "log_with", "dry_run", "config_version",
+    "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_state", "state_dir", "resume",
+    "training_comment", "sample_every_n_epochs", "sample_prompts", "sample_sampler", "sample_dir", "logging_dir", "log_with", "dry_run", "config_version",
     "seed", "network_weights", "gradient_checkpointing",
 })
 

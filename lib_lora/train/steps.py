@@ -1,11 +1,14 @@
 """How many steps a run takes: images x repeats x epochs / batch / gradient accumulation.
 
-Printed by the CLI before anything loads and shown live in the tab while the user edits settings, so it
-reads folders cheaply (names and file extensions only, no image is opened).
+Printed by the CLI before anything loads and shown live in the tab while the user edits settings. The count
+must be the one the run will use, so images are tested the way the dataset scan tests them (a broken file is
+not trained); each file is decoded once and remembered until it changes, so recounting as the user types
+reads only the folder listings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -21,19 +24,27 @@ _CONCEPT = re.compile(r"^(\d+)_(.+)$")
 class ConceptCount:
     folder: str
     repeats: int
-    images: int
+    images: int  # image files; with check_images, the ones training can read
+    unreadable: int = 0  # with check_images: broken image files training skips
 
 
-def count_concepts(root: str | Path) -> list[ConceptCount]:
-    """`N_concept` subfolders of `root` with their image counts (any letter case of the extensions)."""
+def count_concepts(root: str | Path, check_images: bool = False) -> list[ConceptCount]:
+    """`N_concept` subfolders of `root` with their image counts (any letter case of the extensions);
+    `check_images`: only the images the dataset scan will use (see `lib_lora.dataset.scan.checked_image_size`)."""
     root = Path(root)
     found = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = _CONCEPT.match(sub.name)
         if not match:
             continue
-        n = sum(1 for f in sub.iterdir() if not f.name.startswith(".") and f.is_file() and is_image_file(f))
-        found.append(ConceptCount(sub.name, int(match.group(1)), n))
+        if check_images:
+            from ..dataset.scan import usable_image_count
+
+            n, bad = usable_image_count(sub)
+        else:
+            n = sum(1 for f in sub.iterdir() if not f.name.startswith(".") and f.is_file() and is_image_file(f))
+            bad = 0
+        found.append(ConceptCount(sub.name, int(match.group(1)), n, bad))
     return found
 
 
@@ -47,11 +58,17 @@ class StepPlan:
     steps_per_epoch: int  # optimizer steps
     epochs: int
     total_steps: int
+    concepts: tuple[ConceptCount, ...] = ()  # the training folders counted (plan_from_folders)
+
+    @property
+    def unreadable(self) -> int:
+        return sum(c.unreadable for c in self.concepts)
 
     def describe(self, cfg: TrainConfig) -> str:
         reg = f" + {self.items_per_epoch - self.repeated_images} regularization" if self.reg_images else ""
+        bad = f" ({self.unreadable} unreadable left out)" if self.unreadable else ""
         return (
-            f"{self.train_images} images x repeats = {self.repeated_images}{reg} per epoch; "
+            f"{self.train_images} images{bad} x repeats = {self.repeated_images}{reg} per epoch; "
             f"batch {cfg.train_batch_size}, gradient accumulation {cfg.gradient_accumulation_steps} -> "
             f"{self.steps_per_epoch} steps per epoch x {self.epochs} epochs = {self.total_steps} steps"
         )
@@ -90,18 +107,28 @@ def plan_steps(
     )
 
 
+def plan_from_dataset(cfg: TrainConfig, dataset, num_processes: int = 1) -> StepPlan:
+    """The plan of a run over a built `lib_lora.dataset.Dataset` (buckets counted): what `train()` runs."""
+    distinct = sum(1 for p in getattr(dataset, "images", ()) if p.role == "train") or None
+    return plan_steps(cfg, dataset.num_train_images, train_images=distinct,
+                      reg_images=getattr(dataset, "num_reg_images", 0),
+                      batches_per_epoch=dataset.batches_per_epoch, num_processes=num_processes)
+
+
 def plan_from_folders(cfg: TrainConfig, num_processes: int = 1) -> StepPlan:
-    """The plan from the folders alone (no buckets: each batch is full), for the tab and the CLI preview."""
-    train = count_concepts(cfg.train_data_dir) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
-    reg = count_concepts(cfg.reg_data_dir) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
+    """The plan from the folders (no buckets: each batch is full), for the tab and the CLI preview; images the
+    dataset scan would skip as unreadable are not counted."""
+    train = count_concepts(cfg.train_data_dir, True) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
+    reg = count_concepts(cfg.reg_data_dir, True) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
     from ..dataset.plan import split_counts
 
     held_out = cfg.validation_split if not cfg.validation_data_dir else 0.0
     repeated = sum(c.repeats * split_counts(c.images, held_out)[0] for c in train)
-    return plan_steps(
+    plan = plan_steps(
         cfg,
         repeated_images=repeated,
         train_images=sum(c.images for c in train),
         reg_images=sum(c.images for c in reg),
         num_processes=num_processes,
     )
+    return dataclasses.replace(plan, concepts=tuple(train))

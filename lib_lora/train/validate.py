@@ -88,6 +88,10 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("vae", f"{cfg.vae} does not exist")
     if cfg.clip_skip is not None and not 1 <= cfg.clip_skip <= 12:
         add("clip_skip", f"{cfg.clip_skip} is outside 1..12")
+    elif cfg.v2 and (cfg.clip_skip or 1) > 1:  # seen in the real webui: its SD2 text path never reads the option
+        add("clip_skip", f"{cfg.clip_skip} on an SD 2.x model trains on a text-encoder layer the webui never uses "
+            "(A1111 ignores clip skip for SD 2.x, also in the previews); keep 1 unless the LoRA is for a UI that "
+            "applies it", "warning")
     if cfg.max_token_length is not None and cfg.max_token_length not in TOKEN_LENGTHS:
         add("max_token_length", f"{cfg.max_token_length} is not one of 75, 150, 225")
 

@@ -16,55 +16,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import LoraTrainError
+from ..train.events import TrainControl
 
 QUEUED, RUNNING, PAUSED, DONE, FAILED, INTERRUPTED = "queued", "running", "paused", "done", "failed", "interrupted"
 FINISHED = (DONE, FAILED, INTERRUPTED)
 _ids = itertools.count(1)
 
 
-class Control:
-    """The flags a run checks at step boundaries; the same methods as `lib_lora.train.TrainControl`, so the
-    engine reads this object directly (stop, pause / unpause, save now)."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._pause = threading.Event()
-        self._save = threading.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._pause.clear()
-
-    def pause(self) -> None:
-        self._pause.set()
-
-    def unpause(self) -> None:
-        self._pause.clear()
-
-    def save_now(self) -> None:
-        self._save.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    @property
-    def pause_requested(self) -> bool:
-        return self._pause.is_set()
+class Control(TrainControl):
+    """The engine's `TrainControl` (stop, pause / unpause, save now, checked at step boundaries), which the run
+    reads directly, plus `paused` for the tab's Pause / Resume button."""
 
     @property
     def paused(self) -> bool:
-        return self._pause.is_set()
-
-    def take_save_request(self) -> bool:
-        if self._save.is_set():
-            self._save.clear()
-            return True
-        return False
-
-    def wait_while_paused(self, poll_s: float = 0.2) -> None:
-        while self._pause.is_set() and not self._stop.is_set():
-            self._stop.wait(poll_s)
+        return self.pause_requested
 
 
 @dataclass

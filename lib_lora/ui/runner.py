@@ -39,26 +39,6 @@ def write_card(path: Path, job: Job, sd_version: str) -> None:
     write_sidecar(path, activation, weight, sd_version, f"LoRA Train project {job.project}, epoch file {path.name}")
 
 
-def keep_state_out_of_lora_dir(folder: Path, state_root: Path) -> Path:
-    """Move a resume-state folder the engine wrote beside the epochs (`<name>-state`, holding network.safetensors,
-    optimizer.pt, ...) into the project's `state/` folder: the webui lists every .safetensors / .pt under its Lora
-    folder, so left there it would show cards named "network", "optimizer" and "scheduler"."""
-    import shutil
-
-    folder = Path(folder)
-    if not folder.is_dir() or folder.parent == state_root:
-        return folder
-    state_root.mkdir(parents=True, exist_ok=True)
-    target = state_root / folder.name
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    shutil.move(str(folder), str(target))
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
 def make_runner(host):
     """The JobQueue runner for `host`."""
 
@@ -68,7 +48,6 @@ def make_runner(host):
 
         host.check_can_train()
         info = host.model_info()
-        state_root = Path(host.projects_root()) / job.project / "state"
         with host.training_session(job) as backend:
             dataset = build_dataset(job.config)
             stream = train(job.config, backend, dataset, job.control)
@@ -94,8 +73,6 @@ def make_runner(host):
                         job.checks.append(f"MISMATCH: {exc}")
                         raise
                     host.refresh_loras()
-                elif isinstance(event, ev.Saved) and event.kind == "state":
-                    keep_state_out_of_lora_dir(Path(event.path), state_root)
                 elif isinstance(event, ev.Sample):
                     job.samples.extend(event.paths)
                 elif isinstance(event, ev.Note):
@@ -109,7 +86,6 @@ def make_runner(host):
                     job.status, job.message = RUNNING, ""
                 elif isinstance(event, ev.Interrupted):
                     job.message = f"interrupted at step {event.step}; saved epochs are kept"
-                    keep_state_out_of_lora_dir(Path(event.state_path), state_root)
                 elif isinstance(event, ev.Failed):
                     raise TrainingFailed(event.message)
                 elif isinstance(event, ev.Done):

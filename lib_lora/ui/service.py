@@ -62,6 +62,10 @@ class TrainService:
             "output_dir": str(self.host.lora_output_dir(project.name)),
             "output_name": project.name,
             "logging_dir": str(project.logs),
+            # resume state and previews stay in the project: the webui lists every .safetensors / .pt below its
+            # Lora folder, so a state folder there would show cards named "network", "optimizer", "scheduler"
+            "state_dir": str(project.state),
+            "sample_dir": str(project.samples),
         }
 
     def make_config(self, project: projects.Project, values: Mapping[str, Any] | None = None, config=None):
@@ -124,7 +128,7 @@ class TrainService:
         plan = plan_from_folders(cfg)
         if not plan.train_images:
             return "no images yet: import a folder in the Dataset tab", 0, ""
-        lhs = images_times_repeats(project.concepts(), plan.repeated_images)
+        lhs = images_times_repeats(plan.concepts, plan.repeated_images)
         accum = cfg.gradient_accumulation_steps or 1
         text = (f"{lhs} per epoch / batch {cfg.train_batch_size}" + (f" / accumulation {accum}" if accum > 1 else "")
                 + f" = {plan.steps_per_epoch} steps per epoch x {plan.epochs} epochs = {plan.total_steps} steps")
@@ -132,12 +136,16 @@ class TrainService:
 
 
 def images_times_repeats(concepts, repeated: int) -> str:
-    """'11 images x 5 repeats = 55', or '4 x 5 (5_a) + 3 x 10 (10_b) = 50' for several concept folders."""
+    """'11 images x 5 repeats = 55', or '4 x 5 (5_a) + 3 x 10 (10_b) = 50' for several concept folders
+    (`concepts`: `lib_lora.train.steps.ConceptCount`, images = the ones training can read)."""
     used = [c for c in concepts if c.images]
     if len(used) == 1:
         text = f"{used[0].images} images x {used[0].repeats} repeats = {repeated}"
     else:
-        text = " + ".join(f"{c.images} x {c.repeats} ({c.folder.name})" for c in used) + f" = {repeated}"
+        text = " + ".join(f"{c.images} x {c.repeats} ({c.folder})" for c in used) + f" = {repeated}"
     if repeated != sum(c.images * c.repeats for c in used):
         text += " (validation images held out)"
+    unreadable = sum(c.unreadable for c in concepts)
+    if unreadable:
+        text += f" ({unreadable} unreadable image{'s' if unreadable > 1 else ''} left out: Dataset > Check images)"
     return text

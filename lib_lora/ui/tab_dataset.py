@@ -24,16 +24,17 @@ def gallery_items(project, limit: int = 200) -> list[tuple[str, str]]:
     return items
 
 
-# What to do about a finding in the tab (the engine's hints name CLI commands); codes not here keep the engine's.
+# What to do about a finding with the tab's own buttons and fields; codes not here keep the report's neutral fix.
 TAB_FIXES = {
     "missing_caption": "Tags > Tag images (mode skip), or click the image in Tags and write its caption; "
                        "without one the concept name is the caption",
     "empty_caption": "Tags > Tag images with mode skip, or write them in Tags",
     "activation_missing": "Tags > Apply activation tag puts it first in every caption",
     "activation_not_first": "Tags > Apply activation tag moves it first (Keep first N tags relies on that)",
-    "interrupted_move": "Find duplicates > Move duplicates aside finishes it",
+    "interrupted_move": "Dataset > Move duplicates aside finishes it",
     "tokens_over_75": "shorten them, or set Processing > Caption tokens to 150 (or 225)",
     "tokens_over_150": "shorten them, or set Processing > Caption tokens to 225",
+    "tokens_over_225": "shorten them: tokens past 225 are cut off even with Processing > Caption tokens 225",
     "too_small": "use larger originals; small images are upscaled and come out soft",
     "no_images": "Import a folder of images",
 }
@@ -47,19 +48,14 @@ def check_report(project, settings: dict | None = None) -> str:
     in the tab, then what training would see (counts and buckets) with the project's saved Train settings
     (`settings`: TrainConfig values; resolution and buckets matter here)."""
     from ..dataset import Dataset, DatasetOptions
-    from ..tagging.check import CHECKS, check_dataset
+    from ..tagging.check import check_dataset
 
     if not project.images():
         raise BadInput(f"project {project.name!r} has no images yet: import a folder first")
     report = check_dataset(project.dataset, min_side=256, activation=project.meta.activation_tag or None)
     verdict = "nothing to fix" if not report.findings else f"{report.errors} error(s), {report.warnings} warning(s)"
     lines = [f"**{report.images} images** in {len(report.concepts)} concept folder(s): {verdict}", ""]
-    by_code: dict[str, list] = {}
-    for f in report.findings:
-        by_code.setdefault(f.code, []).append(f)
-    for code, found in by_code.items():
-        severity, title, fix = CHECKS[code]
-        fix = TAB_FIXES.get(code, fix)
+    for severity, title, fix, found in report.groups(TAB_FIXES):
         shown = [f"`{f.path}`" + (f" {_OBJECT_REPR.sub('', f.detail).strip()}" if f.detail else "")
                  for f in found[:SHOWN_PER_CHECK]]
         more = f", and {len(found) - SHOWN_PER_CHECK} more" if len(found) > SHOWN_PER_CHECK else ""
@@ -72,8 +68,7 @@ def check_report(project, settings: dict | None = None) -> str:
         dataset = Dataset.build(DatasetOptions.from_config(settings))
         lines += ["", f"What training will use (resolution {settings.get('resolution')}, {buckets}; "
                       "from the Train settings last used):"]
-        aside = str(project.dataset / "_duplicates")  # where Move duplicates aside puts them: not a concept folder
-        lines += [f"- {line}" for line in dataset.summary_lines() if aside not in line]
+        lines += [f"- {line}" for line in dataset.summary_lines()]
     except BadInput as exc:
         lines += ["", f"- **error** training cannot use this dataset: {exc}"]
     return "\n".join(lines)

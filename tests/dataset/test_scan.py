@@ -47,13 +47,18 @@ def test_broken_images_skipped_and_listed_odd_folders_ignored(tmp_path):
     (root / "2_ok" / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])  # truncated JPEG (decoded at 1/8 scale)
     add_image(root / "nonumber", "x.png")
     add_image(root, "loose.png")
+    add_image(root / "_duplicates" / "2_ok", "copy.png")  # where our duplicate finder moves copies
     ds = Dataset.build(small_options(root))
     assert [p.entry.path.name for p in ds.images] == ["good.png"]
     assert sorted(s.path.name for s in ds.skipped) == ["bad.png", "cut.jpg", "zero.jpg"]
     assert all("unreadable image" in s.reason for s in ds.skipped)
-    assert {s.path.name for s in ds.ignored} == {"nonumber", "loose.png"}
+    assert {s.path.name for s in ds.ignored} == {"nonumber", "loose.png"}  # our own folder is not the user's doing
     text = "\n".join(ds.summary_lines())
-    assert "skipped" in text and "bad.png" in text and "N_concept" in text
+    assert "skipped" in text and "bad.png" in text and "N_concept" in text and "_duplicates" not in text
+    validation = Dataset.build(small_options(root, validation_data_dir=str(root / "2_ok")))
+    assert validation.num_validation_images == 1
+    add_image(root / "2_ok" / "_duplicates", "v.png")
+    assert Dataset.build(small_options(root, validation_data_dir=str(root / "2_ok"))).num_validation_images == 1
 
 
 def test_exif_rotation_decides_the_bucket_and_alpha_becomes_white(tmp_path):

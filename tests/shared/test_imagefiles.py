@@ -13,7 +13,10 @@ def test_iter_images_any_case_skips_hidden(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "i.png").write_bytes(b"x")
     assert [p.name for p in iter_image_files(tmp_path)] == ["a.PNG", "b.jpg", "c.JPEG", "d.webp", "e.Bmp"]
+    (tmp_path / "_duplicates" / "sub").mkdir(parents=True)  # our duplicate finder's folder: not walked into
+    (tmp_path / "_duplicates" / "sub" / "j.png").write_bytes(b"x")
     assert "i.png" in [p.name for p in iter_image_files(tmp_path, recursive=True)]
+    assert "j.png" not in [p.name for p in iter_image_files(tmp_path, recursive=True)]
     with pytest.raises(BadInput):
         list(iter_image_files(tmp_path / "missing"))
 

@@ -182,6 +182,7 @@ def test_activation_guessed_per_concept(tmp_path, clip_tokenizer):
     result = check_dataset(root, min_side=32, tokenizer=clip_tokenizer)
     assert set(found(result, "activation_missing")) == {"5_hero/004.txt"}
     assert "guessed" in found(result, "activation_missing")["5_hero/004.txt"]
+    assert "--" not in found(result, "activation_missing")["5_hero/004.txt"]  # the tab shows it too
     for i in range(5):  # '1girl' first everywhere but one: a count tag, never taken for an activation tag
         (root / "5_hero" / f"{i:03d}.txt").write_text("1girl, smile" if i else "1boy, smile")
     assert found(check_dataset(root, min_side=32, tokenizer=clip_tokenizer), "activation_missing") == {}
@@ -212,3 +213,14 @@ def test_token_count_skipped_without_vocabulary(tmp_path, monkeypatch):
         clip_tokenizer.load_clip_tokenizer.cache_clear()
     assert [(f.code, f.severity) for f in result.findings] == [("token_count_skipped", "info")]
     assert "open-clip-torch" in result.findings[0].detail
+
+
+def test_fixes_are_host_neutral_unless_the_host_gives_its_words():
+    """The report is read in a terminal and in the tab: its own fixes name no command, option or button."""
+    from lib_lora.tagging.check import fix_for
+
+    for code, (_, _, fix) in CHECKS.items():
+        assert "python -m" not in fix and "--" not in fix and " > " not in fix, code
+    assert fix_for("missing_caption") == CHECKS["missing_caption"][2]
+    assert fix_for("missing_caption", {"missing_caption": "Tags > Tag images"}) == "Tags > Tag images"
+    assert fix_for("grayscale", {"missing_caption": "x"}) == CHECKS["grayscale"][2]

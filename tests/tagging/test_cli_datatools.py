@@ -53,6 +53,7 @@ def test_check_report_exit_codes_and_json(dataset, capsys):
     assert "10_mychar" in out and "3 images x  10 repeats =     30 steps" in out
     assert "steps per epoch: 36 (batch size 1)" in out
     assert out.rstrip().endswith("0 error(s), 2 warning(s): ok")  # 001 and 002 lack the guessed activation tag
+    assert "fix: python -m lib_lora tags DIR --activation TAG puts it first" in out  # the CLI's own words
 
     (dataset / "10_mychar" / "002.png").write_bytes(b"broken")
     pattern_image(3).save(dataset / "10_mychar" / "001.jpg")
@@ -66,6 +67,7 @@ def test_check_report_exit_codes_and_json(dataset, capsys):
     code, out, _ = run_cli(capsys, "check", dataset, "--min-side", "32", "--json")
     data = json.loads(out)
     assert code == 1 and data["errors"] == 2 and data["steps_per_epoch"] == 46
+    assert data["checks"]["interrupted_move"]["fix"].startswith("run python -m lib_lora dedupe DIR --move")
     assert {"code": "unreadable", "severity": "error", "path": "10_mychar/002.png"}.items() <= data["findings"][0].items()
 
 

@@ -58,6 +58,10 @@ def test_toml_file_round_trip_and_only_changed(tmp_path):
     short = dump_toml(cfg, only_changed=True)
     assert "network_dim = 16" in short and "caption_extension" not in short
     assert loads_toml(short) == cfg
+    # our own folder settings (no sd-scripts equivalent) are written only when set
+    assert "state_dir" not in path.read_text() and "sample_dir" not in path.read_text()
+    own = dataclasses.replace(cfg, state_dir="/p/state", sample_dir="/p/samples")
+    assert "state_dir = '/p/state'" in dump_toml(own) and load_toml(save_toml(own, tmp_path / "own.toml")) == own
 
 
 def test_sd_scripts_layout_flat_or_sectioned():
@@ -234,6 +238,7 @@ def test_kohya_ss_preset_import(tmp_path):
     assert cfg.min_snr_gamma == 5.0 and cfg.noise_offset == 0.05 and cfg.network_dropout is None
     assert cfg.sample_prompts == ("a photo of mychar --w 512 --h 512", "mychar smiling --s 20")
     assert cfg.sample_every_n_epochs is None and cfg.output_name == "mychar"
+    assert cfg.state_dir is None and cfg.sample_dir is None  # the GUI has no such keys: sd-scripts' places
     assert notes and "scale_weight_norms" in notes[0] and "xformers" not in notes[0]
     assert "noise_offset_type" not in notes[0]  # "Original" is the offset noise we do
     # and it survives our own TOML
@@ -280,6 +285,18 @@ def test_validate_finds_every_problem_at_once(tmp_path):
                 "validation_split", "mixed_precision", "network_args", "resume", "train_batch_size"}
     assert expected <= fields, expected - fields
     assert "lr_scheduler" not in fields  # adafactor + Adafactor is a valid pair
+
+
+def test_validate_warns_that_the_webui_ignores_clip_skip_for_sd2(tmp_path):
+    """Seen in the real webui: for SD 2.x it always reads OpenCLIP's penultimate layer whatever Clip skip says,
+    while training (sd-scripts' meaning) goes clip_skip - 1 layers further back; the run is allowed, with a warning."""
+    sd2 = dataclasses.replace(_good(tmp_path), v2=True, v_parameterization=True, clip_skip=2)
+    problems = [p for p in validate(sd2) if p.field == "clip_skip"]
+    assert [p.severity for p in problems] == ["warning"] and "ignores clip skip for SD 2.x" in problems[0].message
+    assert errors_of(validate(sd2)) == []
+    for cfg in (dataclasses.replace(sd2, clip_skip=1), dataclasses.replace(sd2, clip_skip=None),
+                dataclasses.replace(sd2, v2=False, v_parameterization=False)):
+        assert not [p for p in validate(cfg) if p.field == "clip_skip"]
 
 
 def test_validate_dataset_problems(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from lib_lora.train.config import TrainConfig
 from lib_lora.train.events import (
-    Continued, Done, DryRun, EpochEnd, Failed, Interrupted, Paused, Sample, Saved, Started, StepEnd, TrainControl, Validation,
+    Continued, Done, DryRun, EpochEnd, Failed, Interrupted, Note, Paused, Sample, Saved, Started, StepEnd, TrainControl, Validation,
 )
 from lib_lora.train.loop import train
 from lib_lora.train.state import build_dataset
@@ -105,7 +105,8 @@ def test_training_lowers_the_loss_on_a_fixed_eval_set(tmp_path, data_dir, backen
 
 def test_epoch_files_names_metadata_and_log(tmp_path, data_dir, backend):
     cfg = _cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=2, sample_every_n_epochs=3,
-               sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5 --n ugly",), training_comment="hello")
+               sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5 --n ugly",), training_comment="hello",
+               sample_dir=str(tmp_path / "previews"))
     events = _run(cfg, backend)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-02.safetensors", "tiny-03.safetensors"]
@@ -122,11 +123,29 @@ def test_epoch_files_names_metadata_and_log(tmp_path, data_dir, backend):
     assert side["sd version"] == "SD1" and side["activation text"] == "mychar, style"
     samples = [e for e in events if isinstance(e, Sample)]
     assert len(samples) == 1 and samples[0].epoch == 3 and all(p.endswith(".png") for p in samples[0].paths)
+    assert [p.name for p in (tmp_path / "previews").iterdir()] == ["tiny_e000003_00.png"] and not (out / "sample").exists()
     steps = [e for e in events if isinstance(e, StepEnd)]
     assert [e.step for e in steps] == list(range(1, 16)) and steps[-1].total_steps == 15
     log = (out / "logs" / "tiny_loss.csv").read_text().splitlines()
     assert len(log) == 1 + 15
     assert [e.epoch for e in events if isinstance(e, EpochEnd)] == [1, 2, 3]
+
+
+def test_a_failing_preview_is_a_note_and_training_goes_on(tmp_path, data_dir, backend, monkeypatch):
+    """A preview that raises (offline download, sampler bug, out of memory) must not cost the epochs after it."""
+    def broken_sample(*args, **kwargs):
+        raise RuntimeError("sampler exploded\nsecond line")
+
+    monkeypatch.setattr(backend, "sample", broken_sample)
+    cfg = _cfg(tmp_path, data_dir, max_train_epochs=2, save_every_n_epochs=1, sample_every_n_epochs=1,
+               sample_prompts=("mychar --w 64 --h 64 --s 2",))
+    events = _run(cfg, backend)
+    assert isinstance(events[-1], Done)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["tiny-01.safetensors", "tiny-02.safetensors"]
+    notes = [e.message for e in events if isinstance(e, Note) and "preview" in e.message]
+    assert notes == [f"preview samples of epoch {n} failed and were skipped (RuntimeError: sampler exploded); "
+                     "training goes on" for n in (1, 2)]
+    assert not [e for e in events if isinstance(e, Sample)]
 
 
 EXACT = dict(max_train_epochs=3, network_dropout=0.1, noise_offset=0.05, min_snr_gamma=5.0, flip_aug=True,

@@ -88,10 +88,14 @@ def test_webui_model_trains_resumes_exactly_and_is_handed_back(tmp_path, data_di
         assert [v.epoch for v in vals] == [0, 1, 2] and all(v.images == 2 for v in vals)
         assert any(k.startswith("lora_te_") for k in expected)
 
+    # as the tab runs it: the state goes to the project's state/ folder (state_dir), never beside the epochs
     control = TrainControl()
-    first = _run(dataclasses.replace(cfg, output_dir=str(tmp_path / "b" / "out")), backend, control, stop_at=2)
+    tab_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "b" / "out"), state_dir=str(tmp_path / "b" / "state"))
+    first = _run(tab_cfg, backend, control, stop_at=2)
     assert isinstance(first[-1], Interrupted) and _same(before, _snapshot(model))
-    resumed = _run(dataclasses.replace(cfg, output_dir=str(tmp_path / "b" / "out"), resume=first[-1].state_path), backend)
+    assert first[-1].state_path == str(tmp_path / "b" / "state" / "webui-state")
+    assert not list((tmp_path / "b" / "out").glob("*state*"))
+    resumed = _run(dataclasses.replace(tab_cfg, resume=first[-1].state_path), backend)
     assert isinstance(resumed[-1], Done) and _same(before, _snapshot(model))
     got = load_file(str(tmp_path / "b" / "out" / "webui.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)

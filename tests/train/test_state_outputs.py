@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from lib_lora.train.dist import Dist
 from lib_lora.train.events import TrainControl
 from lib_lora.train.loop import step_seed
 from lib_lora.train.metadata import activation_text, base_model_version, training_metadata
-from lib_lora.train.outputs import LossLog, epoch_file, state_dir, step_file
+from lib_lora.train.outputs import LossLog, epoch_file, samples_dir, state_dir, step_file
 from lib_lora.train.prompts import parse_prompt
 from lib_lora.train.sched import build_scheduler
 from lib_lora.train.state import TrainState, load_state, resolve_seed, save_state, settings_digest
@@ -76,7 +77,8 @@ def test_resolve_seed(tmp_path):
 def test_settings_digest_sees_what_changes_the_numbers():
     base = TrainConfig(output_dir="/a", seed=1)
     same = dataclasses.replace(base, output_dir="/b", output_name="x", save_every_n_epochs=2, sample_every_n_epochs=1,
-                               seed=None, gradient_checkpointing=True, logging_dir="/l", save_precision="fp32")
+                               seed=None, gradient_checkpointing=True, logging_dir="/l", save_precision="fp32",
+                               state_dir="/s", sample_dir="/p")
     assert settings_digest(same) == settings_digest(base)
     for change in (dict(clip_skip=2), dict(max_token_length=150), dict(keep_tokens_separator="|||"),
                    dict(mixed_precision="bf16"), dict(network_dropout=0.1), dict(lr_scheduler_num_cycles=3),
@@ -99,6 +101,10 @@ def test_file_names():
     assert epoch_file(cfg, None).name == "mychar.safetensors"
     assert step_file(cfg, 42).name == "mychar-step00000042.safetensors"
     assert state_dir(cfg).name == "mychar-state" and state_dir(cfg, 3).name == "mychar-03-state"
+    assert state_dir(cfg).parent == Path("/out") and samples_dir(cfg) == Path("/out/sample")  # sd-scripts' places
+    own = dataclasses.replace(cfg, state_dir="/project/state", sample_dir="/project/samples")
+    assert state_dir(own) == Path("/project/state/mychar-state") and state_dir(own, 3).parent == Path("/project/state")
+    assert samples_dir(own) == Path("/project/samples") and epoch_file(own, 1).parent == Path("/out")
 
 
 def test_loss_log_rewrites_and_truncates_on_resume(tmp_path):

@@ -46,6 +46,19 @@ def test_start_saves_the_settings_and_queues_a_job(service, host):
     cfg = job.config
     assert cfg.output_name == "p" and cfg.output_dir == str(host.lora_output_dir("p"))
     assert cfg.train_data_dir == str(root / "p" / "dataset") and cfg.network_dim == 8
+    # resume state and previews stay in the project (never in the Lora folder), whatever a config says
+    assert (cfg.state_dir, cfg.sample_dir) == (str(root / "p" / "state"), str(root / "p" / "samples"))
+    from lib_lora.train.outputs import state_dir
+
+    assert state_dir(cfg) == root / "p" / "state" / "p-state"
+    # a resume (API config) finds the state there, and writes the next one there again
+    state_dir(cfg).mkdir(parents=True)
+    (state_dir(cfg) / "state.json").write_text("{}")
+    import dataclasses
+
+    again = service.make_config(service.project("p"), config=dataclasses.replace(
+        cfg, resume=str(state_dir(cfg)), state_dir=str(root / "elsewhere")))
+    assert again.resume == str(state_dir(cfg)) and state_dir(again) == state_dir(cfg)
     assert (root / "p" / "project.toml").is_file()
     # reopening the project shows the saved settings
     assert service.saved_values(service.project("p"))["network_dim"] == 8
@@ -94,3 +107,33 @@ def test_refusals_name_the_field_by_its_label(service):
     with pytest.raises(BadInput, match=r"^Resolution \(W or W,H\) \(resolution\): ") as info:
         service.start("p", dict(fields.defaults(), resolution="60"))
     assert not str(info.value).startswith("error")
+
+
+def test_steps_line_leaves_out_broken_images_as_the_run_does(service, monkeypatch):
+    """11 files, one broken: the line said 84 steps where the run trained 75. It must say what the run runs, and
+    recounting while the user types must not decode the images again."""
+    from lib_lora.dataset import Dataset, DatasetOptions
+    from lib_lora.dataset import scan
+    from lib_lora.train.steps import plan_from_dataset
+
+    root = service.root()
+    project = projects.create_project(root, "p", repeats=5)
+    make_images(project.dataset / "5_p", 10)
+    (project.dataset / "5_p" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    values = dict(fields.defaults(), max_train_epochs=3, train_batch_size=2, gradient_accumulation_steps=1)
+    text, repeated, lhs = service.steps_line("p", values)
+    cfg = service.make_config(project, values)
+    run = plan_from_dataset(cfg, Dataset.build(DatasetOptions.from_config(cfg)))
+    assert run.total_steps == 75 and text.endswith(f"= {run.total_steps} steps") and repeated == 50
+    assert run.describe(cfg).startswith("10 images x repeats = 50 per epoch")  # distinct images, then with repeats
+    assert lhs == "10 images x 5 repeats = 50 (1 unreadable image left out: Dataset > Check images)"
+
+    decoded = []
+    real = scan.image_size
+    monkeypatch.setattr(scan, "image_size", lambda path: decoded.append(path.name) or real(path))
+    assert service.steps_line("p", dict(values, max_train_epochs=4))[0].endswith("= 100 steps")
+    assert decoded == []  # every answer remembered, the broken file's too
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(project.dataset / "5_p" / "broken.png", format="PNG")  # repaired
+    assert service.steps_line("p", values)[0].endswith("= 84 steps") and decoded == ["broken.png"]

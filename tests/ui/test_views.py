@@ -26,6 +26,11 @@ def test_check_report_groups_findings_and_says_what_to_do_in_the_tab(tmp_path):
     missing_tag = [ln for ln in lines if "without the activation tag" in ln]
     assert len(missing_tag) == 1 and "(9)" in missing_tag[0] and "and 3 more" in missing_tag[0]
     assert "Tags > Apply activation tag" in report and "python -m lib_lora" not in report
+    project.meta.activation_tag = ""  # a guessed activation tag: still no command-line words
+    for i, cap in enumerate(sorted(folder.glob("*.txt"))):
+        cap.write_text("sks, red" if i else "blue")
+    guessed = check_report(project, {"resolution": "256", "enable_bucket": False})
+    assert "guessed" in guessed and "--" not in guessed and "python -m" not in guessed
     assert "broken.png" in report and "object at 0x" not in report
     assert "resolution 256, without buckets" in report
 

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).resolve().parent / "probe_extension"  # test-only routes inside the webui (digest, consistency)
 
 
 def free_port() -> int:
@@ -31,27 +32,40 @@ def webui_python(webui_dir: Path) -> str:
     return sys.executable
 
 
-def make_tiny_model(python: str, webui_dir: Path, folder: Path) -> Path:
-    out = folder / "tiny-sd1.safetensors"
+def make_tiny_model(python: str, webui_dir: Path, folder: Path, arch: str = "sd1") -> Path:
+    """`tiny-<arch>.safetensors` + yaml + text-encoder folder (tools/make_tiny_checkpoint.py). For sd2 / sdxl the
+    tool also registers its tiny OpenCLIP architecture in the webui Python's open_clip (a dev-environment step the
+    webui needs to build that text encoder by name; docs/webui-dev.md)."""
+    out = folder / f"tiny-{arch}.safetensors"
     if not out.exists():
-        subprocess.run([python, str(ROOT / "tools" / "make_tiny_checkpoint.py"), "--out", str(out),
-                        "--ldm-path", str(webui_dir / "repositories" / "stable-diffusion-stability-ai")],
-                       check=True, capture_output=True, timeout=300)
+        repos = webui_dir / "repositories"
+        cmd = [python, str(ROOT / "tools" / "make_tiny_checkpoint.py"), "--out", str(out), "--arch", arch,
+               "--ldm-path", str(repos / "stable-diffusion-stability-ai")]
+        if arch != "sd1":
+            cmd += ["--sgm-path", str(repos / "generative-models"), "--open-clip-config-dir", "auto"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"make_tiny_checkpoint.py --arch {arch} failed:\n{done.stderr[-3000:]}")
     return out
 
 
 class Webui:
     def __init__(self, webui_dir: Path, data_dir: Path, ckpt_dir: Path, extra_args: list[str] = (),
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, options: dict | None = None) -> None:
+        """`options`: webui settings written to the data dir's config.json before the start."""
         self.dir = webui_dir
         self.data_dir = data_dir
+        if options:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            (data_dir / "config.json").write_text(json.dumps(options))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         ext = data_dir / "extensions"
         ext.mkdir(parents=True, exist_ok=True)
-        link = ext / "sd-webui-lora-train"
-        if not link.exists():
-            link.symlink_to(ROOT, target_is_directory=True)
+        for name, target in (("sd-webui-lora-train", ROOT), ("zz-lora-train-probe", PROBE)):
+            link = ext / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         self.log_path = data_dir / "webui.log"
         args = [webui_python(webui_dir), "launch.py", "--skip-prepare-environment", "--use-cpu", "all", "--no-half",
                 "--api", "--port", str(self.port), "--data-dir", str(data_dir), "--ckpt-dir", str(ckpt_dir),
