@@ -79,6 +79,7 @@ class Run:
         self.forward: CompiledForward | None = None  # torch_compile: the compiled UNet forward (None = eager)
         self.keep_grads = False  # CUDA graphs + gradient accumulation: .grad buffers stay allocated between steps
         self.notes: list[str] = []  # said during a step, yielded after it
+        self.compile_time_in_times = False  # the first step's time (torch.compile) is dropped once a second comes
         self.applied = self.prepared = False
         self.text = None
         self.latents_cached = False
@@ -186,6 +187,7 @@ class Run:
         for line in compile_notes(cfg, self.net, self.device, shapes):
             yield Note(line)
         self.forward = forward
+        self.compile_time_in_times = True
         if forward.uses_cudagraphs and cfg.gradient_accumulation_steps > 1:
             # CUDA graphs reuse their output memory on the next replay: gradients accumulated over several
             # backwards must live in buffers of their own, allocated here (outside any graph) and zeroed, not freed
@@ -237,6 +239,9 @@ class Run:
                 began = time.perf_counter()
                 loss = self._optimizer_step(chunk)
                 self.times.append(time.perf_counter() - began)
+                if self.compile_time_in_times and len(self.times) > 1:  # the compiling step would skew speed and ETA
+                    self.times.popleft()
+                    self.compile_time_in_times = False
                 st.batches_done += len(chunk)
                 st.global_step += 1
                 st.epoch_loss_sum += loss
