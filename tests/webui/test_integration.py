@@ -81,6 +81,17 @@ def add_images(webui, project: str, n: int = 4) -> None:
     make_images(folder, n, captions=["sks, red", "sks, blue"])
 
 
+def train_one_epoch(webui, project: str) -> dict:
+    """A new project with images, one epoch trained through the API; the finished job (asserted done)."""
+    webui.post("/lora-train/v1/projects", {"name": project})
+    add_images(webui, project)
+    status, job = webui.post("/lora-train/v1/jobs", {"project": project, "config": dict(TRAIN, max_train_epochs=1)})
+    assert status == 201, job
+    job = wait_job(webui, job["id"])
+    assert job["status"] == "done", job["message"]
+    return job
+
+
 def wait_job(webui, job_id: str, timeout: float = 900) -> dict:
     end = time.time() + timeout
     while time.time() < end:
@@ -245,12 +256,7 @@ def test_medvram_trains_and_puts_everything_back(tmp_path_factory, ckpt_dir):
     webui = start(tmp_path_factory, ckpt_dir, "--medvram")
     try:
         before = txt2img(webui)
-        webui.post("/lora-train/v1/projects", {"name": "med"})
-        add_images(webui, "med")
-        status, job = webui.post("/lora-train/v1/jobs", {"project": "med", "config": dict(TRAIN, max_train_epochs=1)})
-        assert status == 201, job
-        job = wait_job(webui, job["id"])
-        assert job["status"] == "done", job["message"]
+        train_one_epoch(webui, "med")
         assert txt2img(webui) == before
     finally:
         webui.stop()

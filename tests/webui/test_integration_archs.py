@@ -10,14 +10,12 @@ import pytest
 
 from tests.webui.test_integration import (
     PROBE,
-    TRAIN,
     TXT2IMG,
     WEBUI_DIR,
-    add_images,
     check_every_module_learned,
     train_on_the_loaded_model,
+    train_one_epoch,
     txt2img,
-    wait_job,
 )
 from tests.webui.webui_process import Webui, make_tiny_model, webui_python
 
@@ -100,12 +98,7 @@ def test_medvram_sdxl_trains_sdxl_and_puts_everything_back(tmp_path_factory, arc
         digest = webui.get(PROBE + "/digest")
         assert digest["hooks"] > 0, "the webui's medvram hooks should be on the SDXL model"
         before = txt2img(webui)
-        webui.post("/lora-train/v1/projects", {"name": "med"})
-        add_images(webui, "med")
-        status, job = webui.post("/lora-train/v1/jobs", {"project": "med", "config": dict(TRAIN, max_train_epochs=1)})
-        assert status == 201, job
-        job = wait_job(webui, job["id"])
-        assert job["status"] == "done", job["message"]
+        job = train_one_epoch(webui, "med")
         assert len(job["checks"]) == 1 and job["checks"][0].startswith("ok"), job["checks"]
         check_every_module_learned(Path(job["files"][0]), ("lora_te1_text_model_encoder_layers_1_",))
         assert webui.get(PROBE + "/digest") == digest
