@@ -10,25 +10,21 @@ training changes undone, the global RNG as it was.
 from __future__ import annotations
 
 import collections
-import hashlib
 import inspect
-import math
 import random
 import time
-from contextlib import nullcontext
 from typing import Any, Iterator
 
 import torch
 
 from ..errors import BadInput
 from . import dist as dist_mod
-from .compiling import CompiledForward, CompileFailed, bucket_count, compile_notes
+from .compiling import CompiledForward, bucket_count, compile_notes
 from .config import TrainConfig, effective_lrs, sample_prompt_lines
 from .events import (
     Continued, Done, EpochEnd, Event, Failed, Interrupted, Note, Paused, Sample, Saved, Started, StepEnd,
     TrainControl, Validation,
 )
-from .loss import add_noise, diffusion_loss, offset_noise, per_sample_mse, target_for
 from .metadata import activation_text, training_metadata
 from .netglue import build_network, load_weights, save_network
 from .optim import build_optimizer, current_lrs, make_grad_scaler
@@ -37,16 +33,10 @@ from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
 from .textcond import TextConditioner
 from .steps import plan_from_dataset
+from .trainstep import NonFiniteLoss, TrainStep, step_seed
 from .validate import errors_of, raise_for_problems, validate
 
-class NonFiniteLoss(Exception):
-    pass
-
-
-def step_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one batch's random draws, independent of how the run got there (resume, pause)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+__all__ = ["train", "Run", "step_seed", "call_with_known", "is_oom", "NonFiniteLoss"]
 
 
 def call_with_known(fn, **kwargs):
@@ -66,7 +56,10 @@ def train(cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl | 
     return Run(cfg, backend, dataset, control or TrainControl()).events()
 
 
-class Run:
+class Run(TrainStep):
+    """One run: setup and hand-back, the epochs, control (stop, pause, save now), and what it writes at epoch ends;
+    the numbers of each optimizer step come from `TrainStep` (trainstep.py)."""
+
     def __init__(self, cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl):
         self.cfg, self.backend, self.data, self.control = cfg, backend, dataset, control
         self.dist = dist_mod.current()
@@ -262,92 +255,6 @@ class Run:
                 break
         yield self._done()
 
-    def _optimizer_step(self, chunk: list) -> float:
-        """Forward + backward of each batch of the chunk (gradient accumulation), then one optimizer step.
-
-        The host waits for the device once per step: the batch losses stay on the device until every backward has
-        been queued, then come back together for the NaN check and the step event. A non-finite loss stops the run
-        before the optimizer applies anything."""
-        if self.forward is not None:
-            self.forward.step_begins()
-        losses = [self._forward_backward(spec, 1.0 / len(chunk)) for spec in chunk]
-        values = [losses[0].item()] if len(losses) == 1 else torch.stack(losses).tolist()
-        for spec, value in zip(chunk, values):
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {value} at step {self.state.global_step + 1} (epoch {spec.epoch})")
-        opt, sched = self.setup.optimizer, self.setup.scheduler
-        self.dist.average_gradients(self.params)
-        if self.scaler is not None:
-            self.scaler.unscale_(opt)
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)  # multi-tensor kernels
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=not self.keep_grads)
-        return self.dist.all_mean(sum(values) / len(chunk))
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _draws(self, latents: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise, timesteps) for one batch, drawn on the CPU from its own generator (same numbers on any device)."""
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=gen)
-        if self.cfg.noise_offset:
-            noise = noise + offset_noise(noise, self.cfg.noise_offset, gen)
-        t = torch.randint(0, len(self.ac), (latents.shape[0],), generator=gen)
-        return noise.to(self.device), t.to(self.device)
-
-    def _latents(self, batch) -> torch.Tensor:
-        if batch.latents is not None:
-            return batch.latents.to(self.device, torch.float32)
-        with torch.no_grad(), self._autocast():
-            return self.backend.encode_images(batch.pixels).to(self.device, torch.float32)
-
-    def _cond(self, batch):
-        sizes = None
-        if self.backend.arch == "sdxl":  # (original h, w, crop top, left, target h, w) per image
-            sizes = [(*o, *c, *t) for o, c, t in zip(batch.original_sizes, batch.crop_top_lefts, batch.target_sizes)]
-        return self.text(list(batch.captions), sizes)
-
-    def _predict_loss(self, batch, seed: int, weights: bool = True, compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's loss (weighted) or (mean, per-sample MSE). `compiled`: through the torch_compile forward when
-        the run has one (training steps; validation runs eagerly rather than compile an eval graph)."""
-        forward = self.forward if compiled else None
-        torch.manual_seed(seed)  # dropout in the network, VAE sampling
-        latents = self._latents(batch)
-        noise, t = self._draws(latents, seed)
-        ac = self.ac_device
-        noisy = add_noise(latents, noise, t, ac)
-        # eager: LoRA weights cast once per forward; compiled: the graph casts them itself
-        cast = nullcontext() if forward is not None else self.net.cast_weights(self.amp_dtype)
-        try:
-            with self._autocast(), cast:
-                cond = self._cond(batch)
-                pred = forward(noisy, t, cond) if forward is not None else self.backend.predict(noisy, t, cond)
-        except CompileFailed as exc:
-            self.notes.append(f"torch_compile failed, training eagerly from here on: {exc}")
-            self.forward = None
-            return self._predict_loss(batch, seed, weights, compiled=False)
-        target = target_for(self.pred_type, latents, noise, t, ac)
-        if not weights:
-            per = per_sample_mse(pred, target)
-            return per.mean(), per
-        return diffusion_loss(pred, target, t, ac, self.pred_type, batch.loss_weights, self.cfg.min_snr_gamma)
-
-    def _forward_backward(self, spec, scale: float) -> torch.Tensor:
-        """One batch's forward and backward; returns its loss, detached and still on the device (no host sync)."""
-        batch = self.data.load_batch(spec)
-        loss, _ = self._predict_loss(batch, step_seed(self.seed, spec.epoch, spec.index))
-        scaled = loss if scale == 1.0 else loss * scale
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        return loss.detach()
 
     def _step_event(self, epoch: int, step_in_epoch: int, loss: float) -> StepEnd:
         st = self.state
