@@ -249,9 +249,6 @@ def test_offloaded_vae_and_text_encoders_come_back(webui_model):
 
 
 def test_webui_path_imports_neither_diffusers_nor_webui_modules():
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "import lib_lora.backends as b\n"
@@ -260,8 +257,7 @@ def test_webui_path_imports_neither_diffusers_nor_webui_modules():
         "bad = [m for m in sys.modules if m == 'diffusers' or m.startswith(('diffusers.', 'modules.')) or m == 'modules']\n"
         "assert not bad, bad\n"
     )
-    from pathlib import Path
+    from tests.fixtures.handback import run_fresh_python
 
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    result = run_fresh_python(code, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

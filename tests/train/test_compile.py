@@ -24,6 +24,7 @@ from lib_lora.train.kohya_ss import from_kohya_ss
 from lib_lora.train.loop import train
 from lib_lora.train.state import build_dataset
 from lib_lora.train.validate import validate
+from tests.fixtures.handback import model_snapshot, same_model
 from tests.fixtures.images import make_dataset
 
 needs_compile = pytest.mark.skipif(not hasattr(torch, "compile"), reason="this torch has no torch.compile")
@@ -96,15 +97,6 @@ def _webui_sd1(tmp_path_factory):
     return build_sd_model("sd1", load_file(str(path)), tiny_config("sd1", "eps"))
 
 
-def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
-            [m.training for m in model.modules()], sum("forward" in vars(m) for m in model.modules()))
-
-
-def _same(a, b) -> bool:
-    return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1:] == b[1:]
-
-
 def _run(cfg, backend, control=None, pause_at=None):
     events = []
     for ev in train(cfg, backend, build_dataset(cfg), control):
@@ -154,7 +146,7 @@ def test_compiled_training_matches_eager_and_hands_the_model_back(tmp_path, tmp_
     model = _webui_sd1(tmp_path_factory)
     backend = LdmBackend(model, device="cpu")
     data = make_dataset(tmp_path / "img", {"mychar": 2}, per_concept=2)
-    before = _snapshot(model)
+    before = model_snapshot(model)
     cfg = TrainConfig(train_data_dir=str(data), output_dir=str(tmp_path / "eager"), output_name="c", resolution="64",
                       network_dim=4, network_alpha=4.0, learning_rate=5e-3, train_batch_size=2, max_train_epochs=2,
                       save_every_n_epochs=1, seed=5, save_precision="fp32", cache_latents=True,
@@ -168,7 +160,7 @@ def test_compiled_training_matches_eager_and_hands_the_model_back(tmp_path, tmp_
     compiled = _run(ccfg, backend, TrainControl(), pause_at=1)
     notes = [e.message for e in compiled if isinstance(e, Note)]
     assert isinstance(compiled[-1], Done), compiled[-1]
-    assert _same(before, _snapshot(model))
+    assert same_model(before, model_snapshot(model))
     assert sum("forward" in vars(m) for m in model.modules()) == 0
     assert any(isinstance(e, Paused) for e in compiled) and any(isinstance(e, Continued) for e in compiled)
 

@@ -13,6 +13,7 @@ from lib_lora.train.config import TrainConfig
 from lib_lora.train.events import Done, Interrupted, StepEnd, TrainControl, Validation
 from lib_lora.train.loop import train
 from lib_lora.train.state import build_dataset
+from tests.fixtures.handback import model_snapshot, run_fresh_python, same_model
 from tests.fixtures.images import make_dataset
 
 if importlib.util.find_spec("lib_lora.backends.ldm_backend") is None or importlib.util.find_spec("tests.backends.checkpoints") is None:
@@ -42,15 +43,6 @@ def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("webui-data") / "img", {"mychar": 2, "style": 1}, per_concept=2)
 
 
-def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
-            [m.training for m in model.modules()], sum("forward" in vars(m) for m in model.modules()))
-
-
-def _same(a, b) -> bool:
-    return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1:] == b[1:]
-
-
 def _cfg(tmp_path, data_dir, **kw):
     base = dict(train_data_dir=str(data_dir), output_dir=str(tmp_path / "out"), output_name="webui", resolution="64",
                 network_dim=4, network_alpha=4.0, learning_rate=5e-3, train_batch_size=2, max_train_epochs=2, seed=3,
@@ -76,12 +68,12 @@ def test_webui_model_trains_resumes_exactly_and_is_handed_back(tmp_path, data_di
 
     model = _webui_model(arch, checkpoints)
     backend = LdmBackend(model, device="cpu")
-    before = _snapshot(model)
+    before = model_snapshot(model)
     cfg = _cfg(tmp_path / "a", data_dir, validation_split=0.5 if arch == "sd1" else 0.0,
                network_train_unet_only=arch == "sdxl")
     events = _run(cfg, backend)
     assert isinstance(events[-1], Done)
-    assert _same(before, _snapshot(model))
+    assert same_model(before, model_snapshot(model))
     expected = load_file(str(tmp_path / "a" / "out" / "webui.safetensors"))
     if arch == "sd1":
         vals = [e for e in events if isinstance(e, Validation)]
@@ -92,11 +84,11 @@ def test_webui_model_trains_resumes_exactly_and_is_handed_back(tmp_path, data_di
     control = TrainControl()
     tab_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "b" / "out"), state_dir=str(tmp_path / "b" / "state"))
     first = _run(tab_cfg, backend, control, stop_at=2)
-    assert isinstance(first[-1], Interrupted) and _same(before, _snapshot(model))
+    assert isinstance(first[-1], Interrupted) and same_model(before, model_snapshot(model))
     assert first[-1].state_path == str(tmp_path / "b" / "state" / "webui-state")
     assert not list((tmp_path / "b" / "out").glob("*state*"))
     resumed = _run(dataclasses.replace(tab_cfg, resume=first[-1].state_path), backend)
-    assert isinstance(resumed[-1], Done) and _same(before, _snapshot(model))
+    assert isinstance(resumed[-1], Done) and same_model(before, model_snapshot(model))
     got = load_file(str(tmp_path / "b" / "out" / "webui.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
@@ -105,10 +97,6 @@ def test_engine_on_the_webui_path_imports_no_diffusers():
     """What the tab runs (LdmBackend, network, dataset, loop, optimizers and schedules, config files) must not pull
     diffusers in: the webui has none. Checked on the current stack, where diffusers is installed. (Adafactor is left
     out: importing transformers.optimization takes seconds; it is transformers' own and imports no diffusers.)"""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = (
         "import sys, torch\n"
         "from lib_lora.backends import LdmBackend\n"
@@ -132,6 +120,5 @@ def test_engine_on_the_webui_path_imports_no_diffusers():
         "bad = [m for m in sys.modules if m == 'diffusers' or m.startswith('diffusers.')]\n"
         "assert not bad, bad[:5]\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180)
+    result = run_fresh_python(code, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
