@@ -74,7 +74,7 @@ NEUTRAL_WHEN: dict[str, tuple | None] = {
     "caption_prefix": ("", None), "caption_suffix": ("", None), "secondary_separator": ("", None),
     "enable_wildcard": (False,), "caption_separator": (",",), "face_crop_aug_range": ("", None),
     "loraplus_lr_ratio": (0, None), "loraplus_unet_lr_ratio": (0, None), "loraplus_text_encoder_lr_ratio": (0, None),
-    "dataset_config": ("", None),
+    "dataset_config": ("", None), "debug_dataset": (False,), "no_metadata": (False,),
 }
 
 

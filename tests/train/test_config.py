@@ -96,6 +96,41 @@ def test_sd_scripts_only_options_become_notes():
         loads_toml("save_model_as = 'ckpt'\n")
 
 
+# the sd-scripts config that popular trainer notebooks write (sectioned like sd-scripts' own --output_config); they
+# set sd-scripts' debug/metadata switches to their defaults
+NOTEBOOK_TOML = """
+[model_arguments]
+v2 = false
+v_parameterization = false
+
+[additional_network_arguments]
+no_metadata = false
+network_dim = 8
+network_alpha = 4
+
+[dataset_arguments]
+cache_latents = true
+debug_dataset = false
+vae_batch_size = 4
+
+[training_arguments]
+max_token_length = 225
+xformers = true
+log_prefix = "mychar"
+"""
+
+
+def test_notebook_sd_scripts_config_loads_with_its_debug_switches_off():
+    notes: list[str] = []
+    cfg = loads_toml(NOTEBOOK_TOML, notes)
+    assert cfg.network_dim == 8 and cfg.max_token_length == 225 and cfg.cache_latents
+    assert notes and "debug_dataset" in notes[0] and "no_metadata" in notes[0]
+    # switched on, they would change what a run does (dataset preview instead of training; files without metadata)
+    for key in ("debug_dataset", "no_metadata"):
+        with pytest.raises(BadInput, match=f"does not have: {key} = True"):
+            loads_toml(NOTEBOOK_TOML.replace(f"{key} = false", f"{key} = true"))
+
+
 # the --config_file kohya_ss GUI writes for sd-scripts' train_network.py (key names from bmaltais/kohya_ss
 # kohya_gui/lora_gui.py; values are the GUI's defaults): sd-scripts ignores keys it does not know, so this holds some
 KOHYA_SS_TOML = """
