@@ -388,3 +388,22 @@ def test_validate_adamw8bit_without_cuda_says_so_before_anything_loads(tmp_path)
 def test_validate_network_alpha_zero_means_dim_as_in_sd_scripts(tmp_path):
     assert errors_of(validate(_good(tmp_path, network_alpha=0.0))) == []
     assert {p.field for p in errors_of(validate(_good(tmp_path, network_alpha=-1.0)))} == {"network_alpha"}
+
+
+def test_cli_help_shows_each_setting_truthfully():
+    """`python -m lib_lora train --help`: every help line as written (a '%' in a help text once printed argparse's
+    internals), the accepted names of the settings matched leniently, and no promise the CLI does not keep."""
+    import argparse
+
+    from lib_lora.cli.train import add_arguments
+    from lib_lora.train.config import OPTIMIZERS, SAVE_PRECISIONS, SCHEDULERS
+
+    parser = argparse.ArgumentParser(prog="python -m lib_lora train")
+    add_arguments(parser)
+    text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "option_strings" not in text and "~30% slower" in text
+    for name, choices in (("optimizer_type", OPTIMIZERS), ("lr_scheduler", SCHEDULERS), ("save_precision", SAVE_PRECISIONS)):
+        line = text.split(f"--{name} {name.upper()} ", 1)[1].split(" --", 1)[0]
+        assert all(c in line for c in choices), (name, line)
+    vae = text.split("--vae VAE ", 1)[1].split(" --", 1)[0]
+    assert "not supported by the CLI" in vae, vae
