@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.dry_run:  # a dry run reports the whole summary (skipped files included) with its measurements
         for s in dataset.skipped:
             say(f"skipped {s.path}: {s.reason}")
+        _say_missing_captions(dataset, cfg.caption_extension, say)
     backend = _load_backend(cfg, dist.device())
     control = E.TrainControl()
     previous = _install_interrupt(control)
@@ -220,6 +221,20 @@ def run(args: argparse.Namespace) -> int:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return code
+
+
+def _say_missing_captions(dataset, extension: str, say) -> None:
+    """Images without a caption file train on their folder's concept name; a wrong caption_extension makes that
+    every image, so it is said before the run (sd-scripts warns too)."""
+    per_folder: dict[str, int] = {}
+    for placed in getattr(dataset, "images", ()):
+        if placed.entry.caption_missing:
+            per_folder[placed.entry.folder] = per_folder.get(placed.entry.folder, 0) + 1
+    if per_folder:
+        total = sum(per_folder.values())
+        folders = ", ".join(f"{name} ({n})" for name, n in per_folder.items())
+        say(f"note: {total} image{'s' if total != 1 else ''} {'have' if total != 1 else 'has'} no {extension} caption file "
+            f"and train on their folder's concept name: {folders}")
 
 
 def _load_backend(cfg: TrainConfig, device):

@@ -60,6 +60,17 @@ def test_cli_lists_every_problem_before_loading(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_says_when_images_have_no_caption_file(tmp_path, sd1_diffusers_dir, data_dir, capsys):
+    """A caption_extension that matches no file (".caption" for a dataset of .txt files) trains on the folder's concept
+    name: sd-scripts warns about it, and so must we, before the run (not only in a dry run)."""
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_steps", "1", "--caption_extension", ".caption"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "note: 3 images have no .caption caption file and train on their folder's concept name: 2_mychar (3)" in out
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out2", "--max_train_steps", "1"))
+    assert code == 0 and "no .txt caption file" not in capsys.readouterr().out
+
+
 def test_cli_dry_run_writes_nothing(tmp_path, sd1_diffusers_dir, data_dir, capsys):
     code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "5", "--dry_run"))
     out = capsys.readouterr().out
