@@ -390,6 +390,12 @@ def test_validate_network_alpha_zero_means_dim_as_in_sd_scripts(tmp_path):
     assert {p.field for p in errors_of(validate(_good(tmp_path, network_alpha=-1.0)))} == {"network_alpha"}
 
 
+def test_validate_says_which_two_switches_leave_nothing_to_train(tmp_path):
+    problems = errors_of(validate(_good(tmp_path, network_train_unet_only=True, network_train_text_encoder_only=True)))
+    assert [str(p) for p in problems] == ["error: network_train_unet_only and network_train_text_encoder_only are both set: "
+                                          "nothing would train"]
+
+
 def test_cli_help_shows_each_setting_truthfully():
     """`python -m lib_lora train --help`: every help line as written (a '%' in a help text once printed argparse's
     internals), the accepted names of the settings matched leniently, and no promise the CLI does not keep."""
