@@ -44,7 +44,17 @@ def _type_for(name: str):
     return {int: int, float: float}.get(kinds[0], str)
 
 
+EPILOG = (
+    "Ctrl-C once finishes the current step, saves <output_name>-state (in output_dir, or state_dir) and exits with "
+    "130; --resume with that folder continues to the weights of a run that never stopped. Twice stops at once. "
+    "Several GPUs: accelerate launch --multi_gpu --num_processes N -m lib_lora train ... "
+    "Booleans also take --no-<name>; sd-scripts' --use_8bit_adam / --use_lion_optimizer still work, and its "
+    "--xformers, --sdpa, --max_data_loader_n_workers, ... are accepted and ignored."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument("--config_file", help="settings file: TOML (ours or sd-scripts') or a kohya_ss GUI .json preset; "
                         "options given here override it")
     parser.add_argument("--output_config", metavar="PATH", help="write the combined settings to this TOML file and exit")
