@@ -176,13 +176,14 @@ def effective_lrs(cfg: TrainConfig) -> tuple[float, float]:
 
 
 def sample_prompt_lines(cfg: TrainConfig) -> list[str]:
-    """The sample prompts: the lines of the prompt file, or the inline list; blank and '#' lines skipped."""
-    from pathlib import Path
+    """The sample prompts: the prompt file's (.txt, .toml or .json, as sd-scripts reads them), or the inline list;
+    blank and '#' lines skipped."""
+    from .prompts import read_prompt_file
 
     if isinstance(cfg.sample_prompts, tuple):
         lines = list(cfg.sample_prompts)
     elif cfg.sample_prompts:
-        lines = Path(cfg.sample_prompts).read_text(encoding="utf-8").splitlines()
+        return read_prompt_file(cfg.sample_prompts)
     else:
         lines = []
     return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]

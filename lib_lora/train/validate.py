@@ -239,6 +239,8 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
                 add("sample_prompts", "is empty, but sample_every_n_epochs is set")
         except OSError:
             add("sample_prompts", f"cannot read prompt file {cfg.sample_prompts}")
+        except BadInput as exc:
+            add("sample_prompts", str(exc))
     if cfg.sample_sampler not in SAMPLERS:
         add("sample_sampler", f"{cfg.sample_sampler!r} is not one of {', '.join(SAMPLERS)}")
     if cfg.log_with not in LOG_WITH:

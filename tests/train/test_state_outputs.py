@@ -170,6 +170,31 @@ def test_sample_prompt_syntax():
         parse_prompt("x --w wide")
 
 
+def test_sample_prompt_files_in_sd_scripts_toml_and_json_forms(tmp_path):
+    """sd-scripts reads --sample_prompts as .txt lines, a .toml ([prompt] defaults + [[prompt.subset]]) or a .json list
+    (dicts or lines); the last two once came through as text lines ('[prompt]', '{"prompt": ...') and were rendered."""
+    from lib_lora.train.config import sample_prompt_lines
+    from lib_lora.train.validate import validate
+
+    toml = tmp_path / "prompts.toml"
+    toml.write_text('[prompt]\nnegative_prompt = "lowres"\nwidth = 640\nheight = 768\nscale = 6.5\nsample_steps = 20\n\n'
+                    '[[prompt.subset]]\nprompt = "mychar, smiling"\nseed = 42\n\n'
+                    '[[prompt.subset]]\nprompt = "mychar, running"\nwidth = 512\nsample_sampler = "euler_a"\n', encoding="utf-8")
+    got = [parse_prompt(line) for line in sample_prompt_lines(TrainConfig(sample_prompts=str(toml)))]
+    assert [(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.scale, p.seed, p.sampler) for p in got] == [
+        ("mychar, smiling", "lowres", 640, 768, 20, 6.5, 42, None), ("mychar, running", "lowres", 512, 768, 20, 6.5, None, "euler_a")]
+    js = tmp_path / "prompts.json"
+    js.write_text(json.dumps([{"prompt": "mychar", "negative_prompt": "blurry", "sample_steps": 12},
+                              "style --w 512 --h 640"]), encoding="utf-8")
+    got = [parse_prompt(line) for line in sample_prompt_lines(TrainConfig(sample_prompts=str(js)))]
+    assert [(p.prompt, p.negative_prompt, p.steps, p.width, p.height) for p in got] == [
+        ("mychar", "blurry", 12, 512, 512), ("style", "", 30, 512, 640)]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": ', encoding="utf-8")
+    problems = [str(p) for p in validate(TrainConfig(sample_prompts=str(bad), sample_every_n_epochs=1), need_model_path=False)]
+    assert any(p.startswith("error: sample_prompts: ") and "bad.json" in p for p in problems), problems
+
+
 def test_control_flags():
     c = TrainControl()
     c.pause()
