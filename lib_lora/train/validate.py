@@ -149,7 +149,7 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
     if cfg.network_weights and not Path(cfg.network_weights).is_file():
         add("network_weights", f"{cfg.network_weights} does not exist")
     if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
-        add("", "network_train_unet_only and network_train_text_encoder_only are both set: nothing would train")
+        add("network_train_unet_only", "network_train_text_encoder_only is set too: nothing would train")
 
     # optimizer and schedule
     if cfg.optimizer_type not in OPTIMIZERS:

@@ -392,7 +392,7 @@ def test_validate_network_alpha_zero_means_dim_as_in_sd_scripts(tmp_path):
 
 def test_validate_says_which_two_switches_leave_nothing_to_train(tmp_path):
     problems = errors_of(validate(_good(tmp_path, network_train_unet_only=True, network_train_text_encoder_only=True)))
-    assert [str(p) for p in problems] == ["error: network_train_unet_only and network_train_text_encoder_only are both set: "
+    assert [str(p) for p in problems] == ["error: network_train_unet_only: network_train_text_encoder_only is set too: "
                                           "nothing would train"]
 
 
