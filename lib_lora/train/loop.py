@@ -10,6 +10,7 @@ training changes undone, the global RNG as it was.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import random
 import time
@@ -28,12 +29,12 @@ from .events import (
 from .metadata import activation_text, training_metadata
 from .netglue import build_network, load_weights, save_network
 from .optim import build_optimizer, current_lrs, make_grad_scaler
-from .outputs import LossLog, epoch_file, save_samples, state_dir, step_file
+from .outputs import LossLog, WriteFailed, epoch_file, save_samples, state_dir, step_file
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
 from .textcond import TextConditioner
 from .steps import plan_from_dataset
-from .trainstep import NonFiniteLoss, TrainStep, step_seed
+from .trainstep import NonFiniteLoss, TrainStep, is_oom, step_seed
 from .validate import errors_of, raise_for_problems, validate
 
 __all__ = ["train", "Run", "step_seed", "call_with_known", "is_oom", "NonFiniteLoss"]
@@ -45,10 +46,6 @@ def call_with_known(fn, **kwargs):
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return fn(**kwargs)
     return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 def train(cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl | None = None) -> Iterator[Event]:
@@ -144,6 +141,12 @@ class Run(TrainStep):
         except NonFiniteLoss as exc:
             self.log.flush()
             yield Failed(f"{exc}: overcooked: lower the learning rate (finished epochs are kept)", self.state.global_step, tuple(self.files))
+        except (WriteFailed, OSError) as exc:
+            with contextlib.suppress(OSError):
+                self.log.flush()
+            what = str(exc) if isinstance(exc, WriteFailed) else f"a file operation failed: {exc}"
+            yield Failed(f"{what} (at step {self.state.global_step}; the files saved before are kept: free space or clear "
+                         "the way, then run again)", self.state.global_step, tuple(self.files))
         except (RuntimeError, MemoryError) as exc:
             if not is_oom(exc):
                 raise
@@ -289,19 +292,7 @@ class Run(TrainStep):
         specs = list(specs_fn()) if specs_fn else []
         if not specs:
             return
-        val_seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else self.seed
-        self.net.train(False)
-        total, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                for spec in specs:
-                    _, per = self._predict_loss(self.data.load_batch(spec), step_seed(val_seed, 0, spec.index), weights=False,
-                                                compiled=False)
-                    total += float(per.sum())
-                    count += per.numel()
-        finally:
-            self.net.train(True)
-        loss = self.dist.all_mean(total / max(1, count))
+        loss, count = self._validation_loss(specs)
         self.state.val_losses[str(epoch)] = loss
         self.log.validation(self.state.global_step, epoch, loss)
         yield Validation(epoch, loss, count)
@@ -315,9 +306,13 @@ class Run(TrainStep):
             started_at=st.started_at, epoch=epoch, num_epochs=self.plan.epochs, step=st.global_step,
             total_steps=self.plan.total_steps, batches_per_epoch=self.plan.batches_per_epoch, optimizer_name=self.setup.name,
             seed=self.seed, world=self.dist.world, model_name=getattr(self.backend, "model_name", None))
-        save_network(self.net, path, self.cfg, training, arch=self.backend.arch, v_prediction=self.pred_type == "v_prediction",
-                     dataset=self.data, epoch=epoch, steps=st.global_step, started_at=st.started_at, session_id=st.session_id,
-                     base_model=training.get("ss_sd_model_name"), activation_text=activation_text(self.data))
+        try:
+            save_network(self.net, path, self.cfg, training, arch=self.backend.arch, v_prediction=self.pred_type == "v_prediction",
+                         dataset=self.data, epoch=epoch, steps=st.global_step, started_at=st.started_at,
+                         session_id=st.session_id, base_model=training.get("ss_sd_model_name"),
+                         activation_text=activation_text(self.data))
+        except OSError as exc:
+            raise WriteFailed(path, exc) from exc
         self.files.append(str(path))
         st.saved_files = list(self.files)
         yield Saved(str(path), epoch)
@@ -350,8 +345,11 @@ class Run(TrainStep):
 
     def _save_state(self, folder, epoch: int) -> Iterator[Event]:
         if self.dist.is_main:
-            save_state(folder, self.state, self.net.state_dict(), self.setup.optimizer.state_dict(),
-                       self.setup.scheduler.state_dict(), self.scaler.state_dict() if self.scaler else None, self.cfg)
+            try:
+                save_state(folder, self.state, self.net.state_dict(), self.setup.optimizer.state_dict(),
+                           self.setup.scheduler.state_dict(), self.scaler.state_dict() if self.scaler else None, self.cfg)
+            except OSError as exc:
+                raise WriteFailed(folder, exc) from exc
             yield Saved(str(folder), epoch, "state")
         self.dist.barrier()
 

@@ -18,6 +18,14 @@ from .config import TrainConfig
 LOG_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "val_loss", "time")
 
 
+class WriteFailed(Exception):
+    """A file or folder of the run could not be written (full disk, no permission, something in the way): the run
+    ends with a Failed event naming it instead of a traceback."""
+
+    def __init__(self, path, exc: OSError):
+        super().__init__(f"could not write {path}: {exc.strerror or exc}")
+
+
 def epoch_file(cfg: TrainConfig, epoch: int | None) -> Path:
     """The LoRA file of `epoch` (None: the single final file of a run without save_every_n_epochs)."""
     suffix = "" if epoch is None else f"-{epoch:02d}"

@@ -1,5 +1,5 @@
-"""One optimizer step's numbers: batch -> latents, noise and timesteps, text conditioning, prediction, loss,
-backward (over the batches of a gradient-accumulation chunk), the NaN check, then the update.
+"""The numbers of a run: one optimizer step (batch -> latents, noise and timesteps, text conditioning, prediction,
+loss, backward over the batches of a gradient-accumulation chunk, the NaN check, the update) and the validation loss.
 
 Kept apart from the loop (loop.py), which decides when steps happen and what a run writes around them. `TrainStep` is
 mixed into `loop.Run`; the attributes annotated below are what it reads from the run (set up by `Run.events`).
@@ -28,6 +28,10 @@ def step_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one batch's random draws, independent of how the run got there (resume, pause)."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 class TrainStep:
@@ -139,3 +143,20 @@ class TrainStep:
         scaled = loss if scale == 1.0 else loss * scale
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
+
+    def _validation_loss(self, specs: list) -> tuple[float, int]:
+        """(mean per-image MSE, images) over the validation batches: noise and timesteps fixed per batch by
+        validation_seed, the network's dropout off, eager (no compiled eval graph); averaged over processes."""
+        val_seed = self.cfg.validation_seed if self.cfg.validation_seed is not None else self.seed
+        self.net.train(False)
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for spec in specs:
+                    _, per = self._predict_loss(self.data.load_batch(spec), step_seed(val_seed, 0, spec.index), weights=False,
+                                                compiled=False)
+                    total += float(per.sum())
+                    count += per.numel()
+        finally:
+            self.net.train(True)
+        return self.dist.all_mean(total / max(1, count)), count

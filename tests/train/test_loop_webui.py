@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lib_lora.train.config import TrainConfig
-from lib_lora.train.events import Done, Interrupted, StepEnd, TrainControl, Validation
+from lib_lora.train.events import Done, Failed, Interrupted, StepEnd, TrainControl, Validation
 from lib_lora.train.loop import train
 from lib_lora.train.state import build_dataset
 from tests.fixtures.handback import model_snapshot, run_fresh_python, same_model
@@ -91,6 +91,27 @@ def test_webui_model_trains_resumes_exactly_and_is_handed_back(tmp_path, data_di
     assert isinstance(resumed[-1], Done) and same_model(before, model_snapshot(model))
     got = load_file(str(tmp_path / "b" / "out" / "webui.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_a_file_that_cannot_be_written_fails_the_run_in_one_line_and_keeps_earlier_epochs(tmp_path, data_dir, checkpoints):
+    """A full disk or a folder in the way of an epoch file (here: a directory named like epoch 2's file) is an OSError
+    in the middle of a run: it must end as Failed with a one-line message, not a traceback, with epoch 1 kept and the
+    model handed back."""
+    from lib_lora.backends import LdmBackend
+
+    model = _webui_model("sd1", checkpoints)
+    backend = LdmBackend(model, device="cpu")
+    before = model_snapshot(model)
+    cfg = _cfg(tmp_path, data_dir, save_every_n_epochs=1, network_dropout=None, flip_aug=False)
+    blocker = tmp_path / "out" / "webui-02.safetensors"
+    blocker.mkdir(parents=True)
+    events = _run(cfg, backend)
+    failed = events[-1]
+    assert isinstance(failed, Failed), failed
+    assert "webui-02.safetensors" in failed.message and "\n" not in failed.message, failed.message
+    assert failed.files == (str(tmp_path / "out" / "webui-01.safetensors"),)
+    assert (tmp_path / "out" / "webui-01.safetensors").is_file() and blocker.is_dir()
+    assert same_model(before, model_snapshot(model))
 
 
 def test_engine_on_the_webui_path_imports_no_diffusers():
