@@ -111,7 +111,7 @@ class _Progress:
         self.enabled, self.bar = enabled, None
 
     def start(self, total: int, initial: int) -> None:
-        if not self.enabled:
+        if not self.enabled or not sys.stdout.isatty():  # a log file gets plain lines, not carriage returns
             return
         try:
             from tqdm import tqdm

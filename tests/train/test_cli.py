@@ -71,6 +71,15 @@ def test_cli_says_when_images_have_no_caption_file(tmp_path, sd1_diffusers_dir, 
     assert code == 0 and "no .txt caption file" not in capsys.readouterr().out
 
 
+def test_cli_progress_into_a_file_is_plain_lines(tmp_path, sd1_diffusers_dir, data_dir, capsys):
+    """Output that is not a terminal (a log file, nohup, CI) gets plain progress lines, not a bar's carriage returns."""
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_steps", "2"))
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "\r" not in captured.out  # (stderr may hold the model loader's own bars)
+    assert any(line.startswith("step 2/2 epoch 1 loss ") and " it/s eta " in line for line in captured.out.splitlines())
+
+
 def test_cli_dry_run_writes_nothing(tmp_path, sd1_diffusers_dir, data_dir, capsys):
     code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "5", "--dry_run"))
     out = capsys.readouterr().out
