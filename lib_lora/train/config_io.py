@@ -90,11 +90,13 @@ def _is_neutral(key: str, value: Any) -> bool:
 
 
 def _migrate_v0(d: dict) -> dict:
-    """Files without `config_version` (sd-scripts' own, hand-written): its deprecated optimizer switches."""
+    """Files without `config_version` (sd-scripts' own, hand-written): its deprecated optimizer switches and spelling."""
     if d.pop("use_8bit_adam", False):
         d.setdefault("optimizer_type", "AdamW8bit")
     if d.pop("use_lion_optimizer", False):
         d.setdefault("optimizer_type", "Lion")
+    if "caption_extention" in d:  # sd-scripts' old spelling, still read there
+        d.setdefault("caption_extension", d.pop("caption_extention"))
     return d
 
 

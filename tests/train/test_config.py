@@ -209,6 +209,8 @@ def test_migration_from_unversioned_sd_scripts_file():
     old = loads_toml("use_8bit_adam = true\nlearning_rate = 1e-4\n")
     assert old.optimizer_type == "AdamW8bit" and old.config_version == 1
     assert loads_toml("use_lion_optimizer = true\n").optimizer_type == "Lion"
+    # sd-scripts still reads its old misspelling caption_extention (older notebook configs carry it)
+    assert loads_toml('caption_extention = ".caption"\n').caption_extension == ".caption"
     # a versioned file does not know the deprecated switch any more
     with pytest.raises(BadInput, match="use_8bit_adam"):
         loads_toml("config_version = 1\nuse_8bit_adam = true\n")
