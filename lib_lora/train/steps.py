@@ -70,8 +70,16 @@ class StepPlan:
         return (
             f"{self.train_images} images{bad} x repeats = {self.repeated_images}{reg} per epoch; "
             f"batch {cfg.train_batch_size}, gradient accumulation {cfg.gradient_accumulation_steps} -> "
-            f"{self.steps_per_epoch} steps per epoch x {self.epochs} epochs = {self.total_steps} steps"
+            + self._epochs_text()
         )
+
+    def _epochs_text(self) -> str:
+        epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        if self.total_steps >= self.steps_per_epoch * self.epochs:
+            return f"{self.steps_per_epoch} steps per epoch x {epochs} = {self.total_steps} steps"
+        # max_train_steps ends inside an epoch
+        partial = "(partial)" if self.epochs == 1 else "(the last one partial)"
+        return f"{self.steps_per_epoch} steps per epoch; max_train_steps {self.total_steps} -> {epochs} {partial}"
 
 
 def plan_steps(

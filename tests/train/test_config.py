@@ -369,6 +369,13 @@ def test_steps_calculation():
     two_gpus = plan_steps(TrainConfig(max_train_epochs=1), repeated_images=45, num_processes=2)
     assert two_gpus.steps_per_epoch == 23
     assert "45 per epoch" in plan.describe(cfg) and "36 steps" in plan.describe(cfg)
+    assert plan.describe(cfg).endswith("12 steps per epoch x 3 epochs = 36 steps")
+    # max_train_steps cuts the last epoch short: no "8 steps per epoch x 13 epochs = 100 steps" arithmetic that fails
+    assert by_steps.describe(TrainConfig(max_train_steps=100, train_batch_size=4)).endswith(
+        "8 steps per epoch; max_train_steps 100 -> 13 epochs (the last one partial)")
+    one = plan_steps(TrainConfig(max_train_steps=2, train_batch_size=2), repeated_images=12)
+    assert one.describe(TrainConfig(max_train_steps=2, train_batch_size=2)).endswith(
+        "6 steps per epoch; max_train_steps 2 -> 1 epoch (partial)")
 
 
 def test_steps_from_folders(tmp_path):
