@@ -144,9 +144,9 @@ class Run(TrainStep):
         except (WriteFailed, OSError) as exc:
             with contextlib.suppress(OSError):
                 self.log.flush()
-            what = str(exc) if isinstance(exc, WriteFailed) else f"a file operation failed: {exc}"
-            yield Failed(f"{what} (at step {self.state.global_step}; the files saved before are kept: free space or clear "
-                         "the way, then run again)", self.state.global_step, tuple(self.files))
+            what = f"{exc}: free space or clear the way" if isinstance(exc, WriteFailed) else f"a file operation failed: {exc}"
+            yield Failed(f"{what} (at step {self.state.global_step}; the files saved before are kept)", self.state.global_step,
+                         tuple(self.files))
         except (RuntimeError, MemoryError) as exc:
             if not is_oom(exc):
                 raise
