@@ -21,11 +21,10 @@ from lib_lora.train.config import TrainConfig
 from lib_lora.train.config_io import dump_toml, loads_toml
 from lib_lora.train.events import Continued, Done, Note, Paused, StepEnd, TrainControl
 from lib_lora.train.kohya_ss import from_kohya_ss
-from lib_lora.train.loop import train
-from lib_lora.train.state import build_dataset
 from lib_lora.train.validate import validate
 from tests.fixtures.handback import model_snapshot, same_model
 from tests.fixtures.images import make_dataset
+from tests.fixtures.training import at_step, run_training
 
 needs_compile = pytest.mark.skipif(not hasattr(torch, "compile"), reason="this torch has no torch.compile")
 
@@ -97,17 +96,6 @@ def _webui_sd1(tmp_path_factory):
     return build_sd_model("sd1", load_file(str(path)), tiny_config("sd1", "eps"))
 
 
-def _run(cfg, backend, control=None, pause_at=None):
-    events = []
-    for ev in train(cfg, backend, build_dataset(cfg), control):
-        events.append(ev)
-        if pause_at and isinstance(ev, StepEnd) and ev.step == pause_at:
-            control.pause()
-        if isinstance(ev, Paused):
-            control.unpause()
-    return events
-
-
 class _SizeFixingBackend:
     """A model that fixes the latent width in its code (as the webui's ldm UNet does in its einops reshapes), so
     every new size compiles a graph of its own."""
@@ -151,13 +139,15 @@ def test_compiled_training_matches_eager_and_hands_the_model_back(tmp_path, tmp_
                       network_dim=4, network_alpha=4.0, learning_rate=5e-3, train_batch_size=2, max_train_epochs=2,
                       save_every_n_epochs=1, seed=5, save_precision="fp32", cache_latents=True,
                       network_train_unet_only=True)
-    eager = _run(cfg, backend)
+    eager = run_training(cfg, backend)
     assert isinstance(eager[-1], Done)
 
     graphs = counters["stats"]["unique_graphs"]
     backend_name = os.environ.get("LIB_LORA_TEST_DYNAMO_BACKEND", "aot_eager")
     ccfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "compiled"), torch_compile=True, dynamo_backend=backend_name)
-    compiled = _run(ccfg, backend, TrainControl(), pause_at=1)
+    control = TrainControl()
+    pause = at_step(1, control.pause)
+    compiled = run_training(ccfg, backend, control, lambda ev: control.unpause() if isinstance(ev, Paused) else pause(ev))
     notes = [e.message for e in compiled if isinstance(e, Note)]
     assert isinstance(compiled[-1], Done), compiled[-1]
     assert same_model(before, model_snapshot(model))

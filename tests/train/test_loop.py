@@ -16,6 +16,7 @@ from lib_lora.train.events import (
 from lib_lora.train.loop import train
 from lib_lora.train.state import build_dataset
 from tests.fixtures.images import make_dataset, pattern_image
+from tests.fixtures.training import at_step, run_training
 
 pytest.importorskip("diffusers")
 
@@ -53,15 +54,6 @@ def _cfg(tmp_path, data_dir, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _run(cfg, backend, control=None, on_event=None):
-    events = []
-    for ev in train(cfg, backend, build_dataset(cfg), control):
-        events.append(ev)
-        if on_event:
-            on_event(ev)
-    return events
-
-
 def _snapshot(components):
     """Everything restore must give back: tensors, grad flags, train modes, no instance-level forward."""
     out = {}
@@ -94,7 +86,7 @@ def test_training_lowers_the_loss_on_a_fixed_eval_set(tmp_path, data_dir, backen
     before = _snapshot(components)
     cfg = _cfg(tmp_path, data_dir, validation_data_dir=str(data_dir), max_train_epochs=8, learning_rate=1e-2,
                network_dim=8, network_alpha=8.0, save_every_n_epochs=8)
-    events = _run(cfg, backend)
+    events = run_training(cfg, backend)
     vals = [e for e in events if isinstance(e, Validation)]
     assert [v.epoch for v in vals] == list(range(0, 9)) and vals[0].images == 6
     assert vals[-1].loss <= 0.7 * vals[0].loss, [round(v.loss, 4) for v in vals]
@@ -107,7 +99,7 @@ def test_epoch_files_names_metadata_and_log(tmp_path, data_dir, backend):
     cfg = _cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=2, sample_every_n_epochs=3,
                sample_prompts=("mychar --w 64 --h 64 --s 2 --d 5 --n ugly",), training_comment="hello",
                sample_dir=str(tmp_path / "previews"))
-    events = _run(cfg, backend)
+    events = run_training(cfg, backend)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-02.safetensors", "tiny-03.safetensors"]
     saved = [e.path for e in events if isinstance(e, Saved)]
@@ -139,7 +131,7 @@ def test_a_failing_preview_is_a_note_and_training_goes_on(tmp_path, data_dir, ba
     monkeypatch.setattr(backend, "sample", broken_sample)
     cfg = _cfg(tmp_path, data_dir, max_train_epochs=2, save_every_n_epochs=1, sample_every_n_epochs=1,
                sample_prompts=("mychar --w 64 --h 64 --s 2",))
-    events = _run(cfg, backend)
+    events = run_training(cfg, backend)
     assert isinstance(events[-1], Done)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["tiny-01.safetensors", "tiny-02.safetensors"]
     notes = [e.message for e in events if isinstance(e, Note) and "preview" in e.message]
@@ -154,7 +146,7 @@ EXACT = dict(max_train_epochs=3, network_dropout=0.1, noise_offset=0.05, min_snr
 
 def test_resume_pause_and_repeated_resume_give_the_uninterrupted_weights(tmp_path, data_dir, backend, components):
     reference = _cfg(tmp_path / "a", data_dir, **EXACT)
-    _run(reference, backend)
+    run_training(reference, backend)
     expected = _weights(tmp_path / "a" / "out" / "tiny.safetensors")
     before = _snapshot(components)
 
@@ -163,7 +155,7 @@ def test_resume_pause_and_repeated_resume_give_the_uninterrupted_weights(tmp_pat
     for stop_at, resume in ((2, ""), (5, "x"), (None, "x")):
         control = TrainControl()
         run_cfg = dataclasses.replace(cfg, resume=str(tmp_path / "b" / "out" / "tiny-state") if resume else "")
-        events = _run(run_cfg, backend, control, lambda ev: control.stop() if isinstance(ev, StepEnd) and ev.step == stop_at else None)
+        events = run_training(run_cfg, backend, control, at_step(stop_at, control.stop))
         if stop_at:
             assert isinstance(events[-1], Interrupted) and events[-1].step == stop_at
             _assert_same(before, _snapshot(components))
@@ -184,7 +176,7 @@ def test_resume_pause_and_repeated_resume_give_the_uninterrupted_weights(tmp_pat
             seen.append(_snapshot(components))
             control.unpause()
 
-    events = _run(_cfg(tmp_path / "c", data_dir, **EXACT), backend, control, on_event)
+    events = run_training(_cfg(tmp_path / "c", data_dir, **EXACT), backend, control, on_event)
     assert any(isinstance(e, Paused) for e in events) and any(isinstance(e, Continued) for e in events)
     _assert_same(before, seen[0])
     paused = _weights(tmp_path / "c" / "out" / "tiny.safetensors")
@@ -207,7 +199,7 @@ def test_model_is_bit_identical_after_a_run_that_raised_mid_step(tmp_path, data_
     before = _snapshot(components)
     backend = _backend(components, Breaks)
     with pytest.raises(RuntimeError, match="boom"):
-        _run(_cfg(tmp_path, data_dir, gradient_checkpointing=True, cache_latents=False), backend)
+        run_training(_cfg(tmp_path, data_dir, gradient_checkpointing=True, cache_latents=False), backend)
     _assert_same(before, _snapshot(components))
     assert not backend.is_prepared
 
@@ -224,7 +216,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_finished_epochs(tmp_path, data_
             return out * float("nan") if Overcooked.calls > 7 else out
 
     before = _snapshot(components)
-    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=1), _backend(components, Overcooked))
+    events = run_training(_cfg(tmp_path, data_dir, max_train_epochs=3, save_every_n_epochs=1), _backend(components, Overcooked))
     failed = events[-1]
     assert isinstance(failed, Failed) and "step 8 (epoch 2)" in failed.message and "lower the learning rate" in failed.message
     assert [p.rsplit("/", 1)[-1] for p in failed.files] == ["tiny-01.safetensors"]
@@ -258,7 +250,7 @@ def test_validation_uses_held_out_images_only_and_is_deterministic(tmp_path, bac
 def test_dry_run_writes_nothing_and_estimates(tmp_path, data_dir, backend, components):
     before = _snapshot(components)
     cfg = _cfg(tmp_path, data_dir, dry_run=True, cache_latents_to_disk=True)
-    events = _run(cfg, backend)
+    events = run_training(cfg, backend)
     report = next(e for e in events if isinstance(e, DryRun))
     assert report.total_steps == 10 and report.measured_steps == 3 and report.step_time_s > 0 and report.peak_memory_bytes > 0
     assert any("2_mychar" in line for line in report.lines) and any("steps" in line for line in report.lines)
@@ -269,7 +261,7 @@ def test_dry_run_writes_nothing_and_estimates(tmp_path, data_dir, backend, compo
 def test_save_now_and_adafactor_in_the_loop(tmp_path, data_dir, backend):
     control = TrainControl()
     cfg = _cfg(tmp_path, data_dir, optimizer_type="Adafactor", max_train_epochs=1)
-    events = _run(cfg, backend, control, lambda ev: control.save_now() if isinstance(ev, StepEnd) and ev.step == 2 else None)
+    events = run_training(cfg, backend, control, at_step(2, control.save_now))
     assert (tmp_path / "out" / "tiny-step00000002.safetensors").exists() and isinstance(events[-1], Done)
     assert all(e.lr > 0 for e in events if isinstance(e, StepEnd))
 
@@ -284,7 +276,7 @@ def test_sd2_v_prediction_and_sdxl_size_conditioning_train(tmp_path, data_dir, c
                                c.get("tokenizer_2"), scheduler=c["scheduler"], device="cpu")
     before = _snapshot(c)
     # SDXL: UNet only, so captions come from the text-output cache with per-batch size conditioning
-    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128,
+    events = run_training(_cfg(tmp_path, data_dir, max_train_epochs=1, enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128,
                        bucket_reso_steps=64, network_train_unet_only=arch == "sdxl"), backend)
     assert isinstance(events[-1], Done)
     from lib_lora.network import read_metadata
@@ -299,14 +291,14 @@ def test_sd2_v_prediction_and_sdxl_size_conditioning_train(tmp_path, data_dir, c
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs_on_cpu(tmp_path, data_dir, backend, precision):
-    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision=precision, gradient_checkpointing=True), backend)
+    events = run_training(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision=precision, gradient_checkpointing=True), backend)
     steps = [e for e in events if isinstance(e, StepEnd)]
     assert isinstance(events[-1], Done) and steps and all(torch.isfinite(torch.tensor(e.loss)) for e in steps)
 
 
 def test_fp16_on_the_webuis_torch_without_torch_amp_gradscaler(tmp_path, data_dir, backend, monkeypatch):
     monkeypatch.delattr(torch.amp, "GradScaler")  # torch 2.1, what the webui ships, has only torch.cuda.amp's
-    events = _run(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision="fp16", save_state=True), backend)
+    events = run_training(_cfg(tmp_path, data_dir, max_train_epochs=1, mixed_precision="fp16", save_state=True), backend)
     assert isinstance(events[-1], Done) and (tmp_path / "out" / "tiny.safetensors").exists()
 
 
@@ -316,7 +308,7 @@ def test_cached_latents_come_from_the_runs_seed_not_the_global_rng(tmp_path, dat
     got = []
     for i, global_seed in enumerate((1, 2)):
         torch.manual_seed(global_seed)
-        _run(_cfg(tmp_path / str(i), data_dir, max_train_epochs=1), backend)
+        run_training(_cfg(tmp_path / str(i), data_dir, max_train_epochs=1), backend)
         got.append(_weights(tmp_path / str(i) / "out" / "tiny.safetensors"))
     assert all(torch.equal(got[0][k], got[1][k]) for k in got[0])
 
@@ -353,7 +345,7 @@ def test_vae_and_frozen_text_encoder_work_once_then_leave(tmp_path, data_dir, co
 
     def run(**kw):
         backend = _backend(components, Counting)
-        events = _run(_cfg(tmp_path / str(len(kw)), data_dir, max_train_epochs=2, network_train_unet_only=True, **kw), backend)
+        events = run_training(_cfg(tmp_path / str(len(kw)), data_dir, max_train_epochs=2, network_train_unet_only=True, **kw), backend)
         assert isinstance(events[-1], Done)
         first_step = backend.log.index("unet")
         return backend.log[:first_step], backend.log[first_step:]
@@ -375,7 +367,7 @@ def test_out_of_memory_is_a_message_with_remedies(tmp_path, data_dir, components
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     before = _snapshot(components)
-    events = _run(_cfg(tmp_path, data_dir), _backend(components, Full))
+    events = run_training(_cfg(tmp_path, data_dir), _backend(components, Full))
     assert isinstance(events[-1], Failed)
     assert "out of memory at step 1" in events[-1].message and "train_batch_size 1" in events[-1].message
     assert "gradient_checkpointing" in events[-1].message and "cache_latents" in events[-1].message
