@@ -79,8 +79,9 @@ def save_lora(
     for key in ("sshs_model_hash", "sshs_legacy_hash"):
         meta.pop(key, None)
     # sd-scripts hashes a serialisation that carries only the ss_* metadata (so later user metadata edits don't
-    # change the legacy hash); the data section, hence the model hash, does not depend on the header at all
-    hashed = serialise(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")} or None)
+    # change the legacy hash), passed as a dict even when empty (the header then holds `"__metadata__":{}`); the
+    # data section, hence the model hash, does not depend on the header at all
+    hashed = serialise(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
     meta["sshs_model_hash"] = hashlib.sha256(_data_section(hashed)).hexdigest()
     meta["sshs_legacy_hash"] = hashlib.sha256(hashed[_LEGACY_OFFSET:_LEGACY_OFFSET + _LEGACY_LENGTH]).hexdigest()[:8]
     data = serialise(tensors, metadata=meta)

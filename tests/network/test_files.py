@@ -139,8 +139,10 @@ def test_model_hash_is_sha256_of_the_data_section(tmp_path, trained):
     assert meta["sshs_model_hash"] == independent == file_model_hash(path)
 
 
-def test_legacy_hash_as_sd_scripts_computes_it(tmp_path):
-    """0x10000 bytes at 0x100000 of a serialisation with only the ss_* metadata (needs a file > 1 MiB)."""
+@pytest.mark.parametrize("with_ss_metadata", [True, False])
+def test_legacy_hash_as_sd_scripts_computes_it(tmp_path, with_ss_metadata):
+    """0x10000 bytes at 0x100000 of a serialisation with only the ss_* metadata (needs a file > 1 MiB). Without
+    any ss_* key sd-scripts still passes a dict (`{}`), so its header holds an empty `__metadata__`."""
     from safetensors.torch import save as serialise
 
     gen = torch.Generator().manual_seed(0)
@@ -149,7 +151,8 @@ def test_legacy_hash_as_sd_scripts_computes_it(tmp_path):
         "lora_unet_x_to_q.lora_up.weight": torch.randn(1024, 256, generator=gen),
         "lora_unet_x_to_q.alpha": torch.tensor(8.0),
     }
-    path = save_lora(tmp_path / "big.safetensors", state, sd1_metadata(), "fp32")
+    metadata = sd1_metadata() if with_ss_metadata else {"modelspec.title": "big"}
+    path = save_lora(tmp_path / "big.safetensors", state, metadata, "fp32")
     tensors, meta = load_lora(path)
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
     buffer = serialise(tensors, metadata=ss_only)
