@@ -74,7 +74,7 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     """Kohya LoRA/LoCon tensors in our spelling: `lora_down.weight`, `lora_up.weight`, `alpha` (missing = rank).
 
     Raises IncompatibleFile for keys that are not kohya-named, for other network types (LoHa, LoKr, ...), for
-    variants we cannot represent (DoRA, Tucker) and for modules lacking down or up."""
+    variants we cannot represent (DoRA, Tucker), for modules lacking down or up and for NaN / infinite values."""
     parts_by_module: dict[str, dict[str, torch.Tensor]] = {}
     foreign = []
     for key, value in state_dict.items():
@@ -113,6 +113,8 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         if alpha is None:
             scale = parts.get("scale")  # webui convention: an explicit scale instead of alpha
             alpha = torch.tensor(float(scale) * rank if scale is not None else float(rank))
+        if not all(bool(torch.isfinite(t).all()) for t in (down, up, alpha)):  # a diverged run: black images
+            raise IncompatibleFile(f"module {module} holds NaN or infinite values (a diverged or damaged LoRA)")
         out[f"{module}.lora_down.weight"] = down
         out[f"{module}.lora_up.weight"] = up
         out[f"{module}.alpha"] = alpha.reshape(())

@@ -290,6 +290,20 @@ def test_other_network_types_are_refused(sd1_models):
         LoraNetwork.from_kohya(find_targets(unet, None, "sd1", LOCON), peft_named)
 
 
+@pytest.mark.parametrize("part,value", [("alpha", float("nan")), ("lora_up.weight", float("inf"))])
+def test_non_finite_values_are_refused_naming_the_module(sd1_models, trained, part, value):
+    """A diverged or damaged file would turn every image black; the merge refuses it too."""
+    unet, te = sd1_models
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    key = f"lora_te_text_model_encoder_layers_0_mlp_fc1.{part}"
+    state[key] = torch.full_like(state[key], value) if part == "alpha" else state[key].index_fill(0, torch.tensor([0]), value)
+    with pytest.raises(IncompatibleFile, match="lora_te_text_model_encoder_layers_0_mlp_fc1.*NaN or infinite") as err:
+        LoraNetwork.from_kohya(find_targets(unet, {"lora_te": te}, "sd1", LOCON), state)
+    assert "\n" not in str(err.value)
+    with pytest.raises(IncompatibleFile, match="NaN or infinite"):
+        LoraNetwork(find_targets(unet, {"lora_te": te}, "sd1", LOCON), LOCON).load_kohya(state)
+
+
 def test_conv_1x1_projection_lora_loads_into_linear_projection():
     """sd-scripts' own SD2 single-file training writes 4-D proj_in LoRA; a Linear projection takes it reshaped."""
     proj = torch.nn.Linear(32, 32)
