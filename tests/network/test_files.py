@@ -279,6 +279,47 @@ def test_foreign_spellings_are_normalised_at_load(sd1_models, trained):
     assert torch.equal(lora.lora_down.weight, trained.lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight)
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_unet_names_in_the_other_spelling_load(arch):
+    """diffusers' SDXL scripts write `lora_unet_down_blocks_...` (sd-scripts: `lora_unet_input_blocks_...`); some SD1
+    files carry ldm names. The webui and our merge read both spellings, so the network loads them too."""
+    from lib_lora.network import unet_layout, unet_targets
+    from lib_lora.network.unet_names import ldm_to_diffusers
+    from tests.fixtures.ldm_models import ldm_unet
+
+    unet = ldm_unet(arch)
+    targets = unet_targets(unet, arch, LOCON)
+    trained = LoraNetwork(targets, LOCON).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lora in trained.loras():
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.1)
+    ldm_path = {id(module): path for path, module in unet.named_modules()}
+    other = {}
+    for name, module in targets:  # sdxl: the diffusers path of the layer; sd1: its ldm path
+        path = ldm_to_diffusers(ldm_path[id(module)], unet_layout(unet)) if arch == "sdxl" else ldm_path[id(module)]
+        other[name] = "lora_unet_" + path.replace(".", "_")
+        assert other[name] != name
+    foreign = {f"{other[m]}.{p}": v for m, p, v in ((*k.split(".", 1), v) for k, v in trained.state_dict().items())}
+
+    loaded = LoraNetwork.from_kohya(targets, foreign)
+    assert loaded.state_dict().keys() == trained.state_dict().keys()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with torch.no_grad():
+        with trained.inject():
+            want = ldm_unet_forward(unet, arch)
+        with loaded.inject():
+            got = ldm_unet_forward(unet, arch)
+    assert torch.equal(want, got)
+    fresh = LoraNetwork(targets, LOCON)
+    fresh.load_kohya(foreign)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.state_dict().items())
+    doubled = {**trained.state_dict(), **foreign}  # one layer under both names: ambiguous, refused
+    with pytest.raises(IncompatibleFile, match="in the file twice"):
+        LoraNetwork.from_kohya(targets, doubled)
+
+
 def test_other_network_types_are_refused(sd1_models):
     unet, te = sd1_models
     loha = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(32, 4),
