@@ -12,6 +12,7 @@ Facts these follow (lora-format.md 1, 4.3; webui-api.md 4.8-4.10):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Mapping
 import torch
 
 from ..errors import BadInput, IncompatibleFile
-from ..fsutil import atomic_write_bytes, atomic_write_text, check_name
+from ..fsutil import atomic_write_bytes, check_name
 from ..safetensors_header import parse_header
 
 PRECISIONS = {
@@ -87,8 +88,17 @@ def save_lora(
     data = serialise(tensors, metadata=meta)
     if not data[8:10] == b'{"':
         raise RuntimeError("safetensors wrote a header the webui cannot read (it must start with '{\"')")
-    atomic_write_bytes(target, data)
+    _write(target, data)
     return target
+
+
+def _write(target: Path, data: bytes) -> None:
+    """Atomic write; a full disk or an unwritable folder is a one-line BadInput (the old file, if any, is kept)."""
+    try:
+        atomic_write_bytes(target, data)
+    except OSError as exc:
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise BadInput(f"could not write {target.name}: {reason} (in {target.parent}); nothing was written") from None
 
 
 def _precision(precision: str) -> torch.dtype:
@@ -191,5 +201,5 @@ def write_sidecar(
         "sd version": version,
         "description": str(description),
     }
-    atomic_write_text(target, json.dumps(data, indent=4, ensure_ascii=False) + "\n")
+    _write(target, (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
     return target

@@ -211,10 +211,16 @@ def test_full_disk_keeps_the_previous_file(tmp_path, trained, monkeypatch):
     def full(_fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    sidecar = write_sidecar(path, "mychar", 0.8, "sd1")
+    card = sidecar.read_bytes()
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match=r"could not write a\.safetensors: disk full") as err:  # not a raw OSError
         save_lora(path, trained, sd1_metadata(), "fp32")
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.safetensors"]
+    assert "\n" not in str(err.value)
+    with pytest.raises(BadInput, match=r"could not write a\.json: disk full"):
+        write_sidecar(path, "other", 1.0, "sd1")
+    assert path.read_bytes() == before and sidecar.read_bytes() == card
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]
 
 
 def _one_line(exc: Exception) -> str:
