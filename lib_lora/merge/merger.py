@@ -329,10 +329,19 @@ def _check_space(out: Path, needed: int) -> None:
         free = shutil.disk_usage(folder).free
     except OSError:
         return
-    if free < needed + 16 * 2**20:
+    if free < needed + _HEADROOM:
         raise BadInput(
-            f"not enough disk space for {out.name}: needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free in {folder}"
+            f"not enough disk space for {out.name}: needs {_size(needed)} + {_HEADROOM >> 20} MiB headroom, "
+            f"{_size(free)} free in {folder}"
         )
+
+
+_HEADROOM = 16 * 2**20
+
+
+def _size(n: int) -> str:
+    """MiB below 1 GiB, so that small sizes don't all read 0.01 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _existing_parent(p: Path) -> Path:

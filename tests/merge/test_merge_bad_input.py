@@ -250,6 +250,19 @@ def test_disk_full(tmp_path, ckpts, sd1_lora, monkeypatch):
     assert only_inputs_left(tmp_path, "good.safetensors")
 
 
+def test_too_little_space_names_sizes_a_user_can_compare(tmp_path, ckpts, sd1_lora, monkeypatch):
+    """Free space above the file's size but below the safety margin: the message must not read 'needs 0.01 GiB,
+    0.01 GiB free' (sizes rounded to GiB, margin unsaid), which looks like enough."""
+    import shutil
+
+    size = merge_loras(ckpts["sd1"][0], [(sd1_lora, 1.0)], tmp_path / "probe.safetensors").bytes_written
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=size + 2**20))
+    message = expect_error(BadInput, "not enough disk space", ckpts["sd1"][0], [(sd1_lora, 1.0)], tmp_path / "o.safetensors")
+    assert f"needs {size / 2**20:.1f} MiB + 16 MiB headroom, {(size + 2**20) / 2**20:.1f} MiB free" in message
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 @pytest.mark.parametrize("case", ["wrong-arch", "missing", "exists", "bad-name"])
 def test_cli_messages_are_one_line(tmp_path, ckpts, sd1_lora, capsys, case):
     out = tmp_path / "o.safetensors"
