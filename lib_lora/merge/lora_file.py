@@ -28,6 +28,7 @@ _PARTS = (
     (".lora.up.weight", "up"),
     (".alpha", "alpha"),
 )
+_FLOAT32_MAX = 3.4028234663852886e38
 _DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
 
 
@@ -92,13 +93,16 @@ class LoraFile:
         """region += multiplier * delta, in place on a contiguous float32 region (one fused matmul-add, no
         full-size temporary except for Tucker modules)."""
         flat = region.view(region.shape[0], -1)
+        rank = self.shape(module.down)[0]
+        scale = self.alpha_value(module) / rank * multiplier
+        if not (abs(scale) <= _FLOAT32_MAX and abs(multiplier) <= _FLOAT32_MAX):  # torch refuses such float32 factors
+            raise BadInput(f"multiplier {multiplier:g} for {self.path.name} is too large (module {module.name}: "
+                           f"{multiplier:g} x alpha / rank overflows float32)")
         if module.mid is not None:
             flat.add_(self.delta(module).reshape(flat.shape), alpha=multiplier)
             return
         down = self.reader.read_tensor(module.down).float()
         up = self.reader.read_tensor(module.up).float()
-        rank = down.shape[0]
-        scale = self.alpha_value(module) / rank * multiplier
         flat.addmm_(up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha=scale)
 
     def close(self) -> None:

@@ -225,6 +225,13 @@ def test_nan_lora_and_bad_settings(tmp_path, ckpts):
     expect_error(BadInput, "must be a finite number", ckpts["sd1"][0], [(lora, float("inf"))], out)
 
 
+@pytest.mark.parametrize("multiplier", [1e40, -1e39])
+def test_multiplier_beyond_float32_is_a_one_line_error(tmp_path, ckpts, sd1_lora, multiplier):
+    """`--lora a.safetensors:1e40` is finite in Python but not in float32: it ended in a RuntimeError traceback."""
+    expect_error(BadInput, "too large", ckpts["sd1"][0], [(sd1_lora, multiplier)], tmp_path / "o.safetensors")
+    assert only_inputs_left(tmp_path, "good.safetensors")
+
+
 def test_disk_full(tmp_path, ckpts, sd1_lora, monkeypatch):
     import shutil
 
