@@ -173,6 +173,10 @@ def _group(p: Path, reader: SafetensorsFile, arch: str) -> LoraFile:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         what = "is not a LoRA file" if not modules else "has keys that are not LoRA tensors"
         raise IncompatibleFile(f"{p.name} {what}: {', '.join(unknown[:3])}{more}")
+    for name, module in list(modules.items()):
+        if module.down is None and module.up is None and module.mid is None:  # an alpha alone changes nothing
+            ignored.append(module.alpha)
+            del modules[name]
     if not modules:
         raise IncompatibleFile(f"{p.name} holds no LoRA modules")
     lora = LoraFile(p, reader, modules, dict(reader.metadata), ignored)

@@ -48,7 +48,7 @@ class LoraReport:
     multiplier: float
     merged: dict[str, int]  # part ("unet", "te", "te1", "te2") -> modules merged
     not_found: list[str] = field(default_factory=list)  # module names with no weight (only with allow_missing)
-    ignored_keys: list[str] = field(default_factory=list)  # e.g. bundled embeddings (`bundle_emb.*`)
+    ignored_keys: list[str] = field(default_factory=list)  # bundled embeddings (`bundle_emb.*`), alpha without weights
 
 
 @dataclass
@@ -87,13 +87,21 @@ class MergeReport:
                 lines.append(f"  {Path(lora.path).name}: {len(lora.not_found)} modules not in the checkpoint, skipped: "
                              + _examples(lora.not_found))
             if lora.ignored_keys:
-                lines.append(f"  {Path(lora.path).name}: {len(lora.ignored_keys)} bundled-embedding keys ignored")
+                lines.append(f"  {Path(lora.path).name}: {_ignored(lora.ignored_keys)}")
         if self.yaml_copied:
             lines.append(f"  copied {Path(self.out_path).with_suffix('.yaml').name} beside it")
         return "\n".join(lines)
 
 
 _ARCH_TITLE = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def _ignored(keys: list[str]) -> str:
+    kinds = (("bundled embeddings", [k for k in keys if k.startswith("bundle_emb.")]),
+             ("alpha without lora_down / lora_up", [k for k in keys if not k.startswith("bundle_emb.")]))
+    n = len(keys)
+    return f"{n} key{'s' if n != 1 else ''} ignored (" + "; ".join(f"{what}" if len(found) == n else f"{what}: {len(found)}"
+                                                              for what, found in kinds if found) + ")"
 
 
 @dataclass

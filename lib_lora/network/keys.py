@@ -100,6 +100,8 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     for module, parts in parts_by_module.items():
         down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None and up is None and set(parts) <= {"alpha", "scale"}:
+            continue  # an alpha without weights changes nothing; sd-scripts ignores it too
         if down is None or up is None:
             missing = "lora_down.weight" if down is None else "lora_up.weight"
             raise IncompatibleFile(f"module {module} has no {missing}")

@@ -225,6 +225,23 @@ def test_nan_lora_and_bad_settings(tmp_path, ckpts):
     expect_error(BadInput, "must be a finite number", ckpts["sd1"][0], [(lora, float("inf"))], out)
 
 
+def test_alpha_without_weights_is_ignored_and_reported(tmp_path, ckpts, sd1_lora):
+    """An `.alpha` with no down / up beside it changes nothing (sd-scripts ignores it): merged, and said so."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(sd1_lora))
+    state["lora_unet_conv_in.alpha"] = torch.tensor(4.0)
+    lora = tmp_path / "extra-alpha.safetensors"
+    save_file(state, str(lora))
+    report = merge_loras(ckpts["sd1"][0], [(lora, 1.0)], tmp_path / "o.safetensors")
+    plain = merge_loras(ckpts["sd1"][0], [(sd1_lora, 1.0)], tmp_path / "p.safetensors")
+    merged, reference = load_file(str(tmp_path / "o.safetensors")), load_file(str(tmp_path / "p.safetensors"))
+    assert merged.keys() == reference.keys() and all(torch.equal(merged[k], reference[k]) for k in reference)
+    assert report.tensors_changed == plain.tensors_changed
+    assert report.loras[0].ignored_keys == ["lora_unet_conv_in.alpha"]
+    assert "1 key ignored (alpha without lora_down / lora_up)" in report.summary()
+
+
 @pytest.mark.parametrize("multiplier", [1e40, -1e39])
 def test_multiplier_beyond_float32_is_a_one_line_error(tmp_path, ckpts, sd1_lora, multiplier):
     """`--lora a.safetensors:1e40` is finite in Python but not in float32: it ended in a RuntimeError traceback."""

@@ -326,6 +326,20 @@ def test_unet_names_in_the_other_spelling_load(arch):
         LoraNetwork.from_kohya(targets, doubled)
 
 
+def test_alpha_without_weights_is_ignored_but_a_lone_down_is_refused(sd1_models, trained):
+    """sd-scripts builds networks from the `lora_down` keys and ignores an `.alpha` that has no weights beside it;
+    such a module changes nothing, so it is no reason to refuse the file. Half a module (down without up) is."""
+    unet, te = sd1_models
+    targets = find_targets(unet, {"lora_te": te}, "sd1", LOCON)
+    state = {**trained.state_dict(), "lora_unet_conv_in.alpha": torch.tensor(4.0),
+             "lora_te_text_model_encoder_layers_9_mlp_fc1.alpha": torch.tensor(4.0)}
+    loaded = LoraNetwork.from_kohya(targets, state)
+    assert loaded.state_dict().keys() == trained.state_dict().keys()
+    del state["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]
+    with pytest.raises(IncompatibleFile, match="lora_te_text_model_encoder_layers_0_mlp_fc1 has no lora_up.weight"):
+        LoraNetwork.from_kohya(targets, state)
+
+
 def test_other_network_types_are_refused(sd1_models):
     unet, te = sd1_models
     loha = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(32, 4),
