@@ -175,6 +175,15 @@ def file_model_hash(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sidecar
+def _existing_card(path: Path) -> dict:
+    """The card already beside the file (what the user typed into the webui: notes, negative text, ...), or {}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_sidecar(
     lora_path: str | os.PathLike,
     activation_text: str = "",
@@ -182,7 +191,8 @@ def write_sidecar(
     sd_version: str = "SD1",
     description: str = "",
 ) -> Path:
-    """Write `<stem>.json` beside the LoRA with the webui's user-metadata keys and return its path.
+    """Write `<stem>.json` beside the LoRA with the webui's user-metadata keys and return its path. Other keys of
+    an existing card (the webui's "notes", "negative text", ...) are kept.
 
     `sd_version` is 'SD1' | 'SD2' | 'SDXL' (or 'sd1' | 'sd2' | 'sdxl'); `preferred_weight` 0 means the webui's
     default multiplier."""
@@ -201,5 +211,6 @@ def write_sidecar(
         "sd version": version,
         "description": str(description),
     }
+    data.update({k: v for k, v in _existing_card(target).items() if k not in data})
     _write(target, (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
     return target

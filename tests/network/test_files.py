@@ -177,6 +177,21 @@ def test_sidecar_has_exactly_the_webui_keys(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["mylora-03.json"]
 
 
+def test_sidecar_keeps_what_the_user_added_in_the_webui(tmp_path):
+    """A re-run saves `mylora-03.json` again; the notes and negative text typed into the webui's card for it stay
+    (our four keys are written afresh). A card that is not a JSON object is simply replaced."""
+    card = tmp_path / "mylora-03.json"
+    card.write_text(json.dumps({"description": "old", "activation text": "old", "notes": "best at 0.7, CFG 5",
+                                "negative text": "blurry", "preferred weight": 0.7, "sd version": "SD1"}), "utf-8")
+    write_sidecar(tmp_path / "mylora-03.safetensors", "mychar", 0.0, "sd1")
+    data = json.loads(card.read_text(encoding="utf-8"))
+    assert data == {"activation text": "mychar", "preferred weight": 0.0, "sd version": "SD1", "description": "",
+                    "notes": "best at 0.7, CFG 5", "negative text": "blurry"}
+    card.write_text("[1, 2", "utf-8")
+    write_sidecar(tmp_path / "mylora-03.safetensors", "mychar", 0.0, "sd1")
+    assert json.loads(card.read_text(encoding="utf-8"))["activation text"] == "mychar"
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "x..y", ".."])
 def test_unsafe_output_names_are_refused_and_nothing_is_written(tmp_path, trained, name):
