@@ -64,12 +64,12 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"choose one action at a time (got {' and '.join(chosen)})")
     if not actions and edit.is_empty():
         raise BadInput("nothing to do: give an edit (--activation, --prune, --replace, --dedupe, --sort) or --freq, --search, --undo")
+    if args.force and actions != ["undo"]:
+        raise BadInput("--force goes with --undo only")
     if actions == ["freq"]:
         return _freq(root, args)
     if actions == ["search"]:
         return _search(root, args)
-    if args.force and actions != ["undo"]:
-        raise BadInput("--force goes with --undo only")
     if actions == ["undo"]:
         return _undo(root, args.force)
     if actions == ["history"]:

@@ -195,6 +195,8 @@ def test_tags_freq_and_search(dataset, capsys):
         (["--freq", "--sort"], "one action at a time"),
         (["--replace", "a"], "--replace takes"),
         (["--prune", " , "], "--prune needs"),
+        (["--freq", "--force"], "--force goes with --undo only"),
+        (["--sort", "--force"], "--force goes with --undo only"),
     ],
 )
 def test_tags_usage_errors(dataset, capsys, argv, message):
@@ -246,3 +248,14 @@ def test_python_dash_m_entry_points(dataset, offline_tokenizer_cache):
     check = run("check", dataset, "--json", "--min-side", "32", "--activation", "mychar")
     assert check.returncode == 0 and json.loads(check.stdout)["steps_per_epoch"] == 36
     assert check.stderr == ""  # no tokenizer warnings about long sequences either
+
+
+def test_tags_undo_refuses_to_revert_a_hand_edit_until_forced(dataset, capsys):
+    before = texts(dataset)
+    assert run_cli(capsys, "tags", dataset, "--prune", "shared tag")[0] == 0
+    (dataset / "2_style" / "000.txt").write_text("style, fixed by hand", encoding="utf-8")
+    code, out, err = run_cli(capsys, "tags", dataset, "--undo")
+    assert code == 1 and "2_style/000.txt" in err and "--force" in err and err.count("\n") == 1
+    assert texts(dataset)["2_style/000.txt"] == b"style, fixed by hand"
+    code, out, _ = run_cli(capsys, "tags", dataset, "--undo", "--force")
+    assert code == 0 and out.startswith("undid 'prune shared tag'") and texts(dataset) == before
