@@ -62,7 +62,7 @@ def format_report(report: CheckReport, limit: int | None = _SHOWN_PER_GROUP) -> 
         else:
             lines.append(
                 f"  {name:<{width}}  {c.images:>5} images x {c.repeats:>3} repeats = {c.steps:>6} steps"
-                f"   ({c.captions} captioned)"
+                f"   ({c.captions} captioned{f'; {c.unreadable} unreadable not counted' if c.unreadable else ''})"
             )
     per_batch = f" at batch size {report.batch_size}" if report.batch_size > 1 else " (batch size 1)"
     lines.append(f"  steps per epoch: {report.steps_per_epoch}{per_batch}")

@@ -63,10 +63,12 @@ def test_check_report_exit_codes_and_json(dataset, capsys):
     assert "ERROR: images that share one caption file (1)\n  10_mychar/001.jpg: 001.jpg + 001.png -> 001.txt" in out
     assert out.count("\n  fix: ") == out.count("ERROR: ") + out.count("WARNING: ") + out.count("INFO: ")
     assert "2 error(s)" in out and "not ready to train" in out
+    # the broken file is not trained, so it is not in the steps either (3 readable images x 10)
+    assert "3 images x  10 repeats =     30 steps   (3 captioned; 1 unreadable not counted)" in out
 
     code, out, _ = run_cli(capsys, "check", dataset, "--min-side", "32", "--json")
     data = json.loads(out)
-    assert code == 1 and data["errors"] == 2 and data["steps_per_epoch"] == 46
+    assert code == 1 and data["errors"] == 2 and data["steps_per_epoch"] == 36
     assert data["checks"]["interrupted_move"]["fix"].startswith("run python -m lib_lora dedupe DIR --move")
     assert {"code": "unreadable", "severity": "error", "path": "10_mychar/002.png"}.items() <= data["findings"][0].items()
 
