@@ -11,10 +11,11 @@ import base64
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .errors import BadInput
 from .fsutil import atomic_write_bytes, atomic_write_text
@@ -87,6 +88,9 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
         written[key] = _digest(_file_bytes(new[path]))
     if not new:
         return None
+    locked = read_only_files(new)
+    if locked:
+        raise BadInput(f"{_locked_message(root, locked)}; no caption was changed")
     journal_dir = _journal_root(root)
     journal = journal_dir / f"{time.time_ns():020d}.json"
     try:
@@ -112,6 +116,25 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
             tail = f"{len(done)} caption(s) were changed; run the undo to put them back"
         raise BadInput(f"cannot write {path}: {exc.strerror or exc}; {tail}") from exc
     return UndoEntry(journal, label, len(new))
+
+
+def read_only_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Existing files without the owner's write permission: captions the user locked. We never replace them, on
+    any system (a rename would go over them on Linux and macOS; on Windows the replace fails half-way)."""
+    out = []
+    for raw in paths:
+        path = Path(raw)
+        try:
+            if not path.stat().st_mode & stat.S_IWUSR:
+                out.append(path)
+        except OSError:  # missing: it will be created
+            pass
+    return sorted(out)
+
+
+def _locked_message(root: Path, locked: list[Path]) -> str:
+    names = ", ".join(_shown(root, p) for p in locked[:5]) + (" ..." if len(locked) > 5 else "")
+    return f"{len(locked)} caption file(s) are read-only ({names}); make them writable to change them"
 
 
 def _file_bytes(text: str) -> bytes:
@@ -217,6 +240,11 @@ def _decoded(encoded: str | None) -> bytes | None:
 
 def _current_bytes(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
+
+
+def locked_message(root: str | os.PathLike, locked: list[Path]) -> str:
+    """'N caption file(s) are read-only (a.txt, ...); make them writable to change them' (for the tagger's check)."""
+    return _locked_message(Path(root), locked)
 
 
 def _shown(root: Path, path: Path) -> str:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
-from ..captions import UndoEntry, caption_path, join_tags, read_caption, split_tags, write_captions
+from ..captions import (
+    UndoEntry, caption_path, join_tags, locked_message, read_caption, read_only_files, split_tags, write_captions,
+)
 from ..errors import BadInput, LoraTrainError
 from ..imagefiles import IMAGE_EXTENSIONS, iter_image_files
 from .tag_ops import dedupe, tag_frequency, tag_key
@@ -104,6 +106,9 @@ def plan_tagging(
             to_tag.append(image)
     if to_tag:
         check_writable({root} | {p.parent for p in to_tag})
+        locked = read_only_files(caption_path(p, ext) for p in to_tag)
+        if locked:
+            raise BadInput(f"{locked_message(root, locked)}; nothing was tagged or changed")
     return TagPlan(root, mode, ext, images, to_tag, skipped)
 
 

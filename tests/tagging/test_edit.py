@@ -207,3 +207,15 @@ def test_undo_keeps_captions_edited_after_the_batch_unless_forced(dataset):
     assert snapshot(dataset) == after and len(edits.history(dataset)) == 1
     assert edits.undo(dataset, force=True) is not None
     assert snapshot(dataset) == before
+
+
+def test_read_only_caption_file_stops_the_edit_and_changes_nothing(dataset):
+    before = snapshot(dataset)
+    locked = dataset / "3_style" / "001.txt"
+    locked.chmod(0o444)
+    with pytest.raises(BadInput, match=r"read-only.*3_style/001\.txt.*no caption was changed"):
+        edits.edit_tags(dataset, TagEdit(activation=("ohwx",)))
+    assert snapshot(dataset) == before and not edits.history(dataset)
+    assert edits.edit_tags(dataset, TagEdit(prune=("nothing here",)))[1] is None  # unchanged files: no error
+    locked.chmod(0o644)
+    assert edits.edit_tags(dataset, TagEdit(activation=("ohwx",)))[1] is not None

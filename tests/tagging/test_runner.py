@@ -296,3 +296,17 @@ def test_bench_tag_runs_on_the_tiny_model(capsys):
     assert "simulated GPU wait of 1 ms per batch" in report["provider"]
     assert runs["one at a time (decode, then model, per image)"]["speedup"] == 1.0
     assert all(row["images_per_s"] > 0 for row in report["results"]) and len(runs) == 8
+
+
+def test_read_only_caption_file_is_refused_before_tagging(tagger, tmp_path):
+    """A caption made read-only is one the user locked: it is never replaced (on Windows a replace fails; on
+    Linux a rename would silently go over it), and the run says so before the model spends any time."""
+    folder = make_folder(tmp_path / "d", names=("red", "blue"))
+    locked = folder / "red.txt"
+    locked.write_text("hand-written, keep", encoding="utf-8")
+    locked.chmod(0o444)
+    with pytest.raises(BadInput, match=r"read-only.*red\.txt.*nothing was tagged or changed"):
+        tag_folder(folder, tagger, mode="overwrite")
+    assert locked.read_text(encoding="utf-8") == "hand-written, keep" and not (folder / "blue.txt").exists()
+    result = tag_folder(folder, tagger, mode="skip")  # the locked caption is not touched: fine
+    assert [p.name for p in result.written] == ["blue.txt"]
