@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--force", action="store_true",
                        help="with --undo: also put back captions that were changed after that edit (their later changes are lost)")
     query.add_argument("--history", action="store_true", help="list the edits that --undo can take back")
-    parser.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
+    parser.add_argument("--caption-extension", "--caption_extension", default=".txt", help="caption file extension (default .txt)")
 
 
 def _edit_from(args: argparse.Namespace) -> TagEdit:

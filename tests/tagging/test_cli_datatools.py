@@ -261,3 +261,19 @@ def test_tags_undo_refuses_to_revert_a_hand_edit_until_forced(dataset, capsys):
     assert texts(dataset)["2_style/000.txt"] == b"style, fixed by hand"
     code, out, _ = run_cli(capsys, "tags", dataset, "--undo", "--force")
     assert code == 0 and out.startswith("undid 'prune shared tag'") and texts(dataset) == before
+
+
+@pytest.mark.parametrize("command", ["check", "dedupe", "tags"])
+def test_caption_extension_in_both_spellings(dataset, capsys, command):
+    """`tag` takes sd-scripts' `--caption_extension`; users type it for the other commands too."""
+    for name in dataset.rglob("*.txt"):
+        name.rename(name.with_suffix(".caption"))
+    extra = ["--freq"] if command == "tags" else []
+    for flag in ("--caption_extension", "--caption-extension"):
+        code, out, err = run_cli(capsys, command, dataset, flag, ".caption", "--min-side", "32", *extra) \
+            if command == "check" else run_cli(capsys, command, dataset, flag, ".caption", *extra)
+        assert code == 0 and "unrecognized" not in err
+        if command == "check":
+            assert "images without a caption" not in out
+        if command == "tags":
+            assert out.startswith("shared tag ")  # read from the .caption files
