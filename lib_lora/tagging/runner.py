@@ -54,6 +54,7 @@ class TagPlan:
     images: list[Path]
     to_tag: list[Path]
     skipped: list[Path]  # mode 'skip': the image already has a non-empty caption
+    shared: list[tuple[Path, str]] = field(default_factory=list)  # images that share a caption file: not tagged
 
 
 @dataclass
@@ -98,18 +99,35 @@ def plan_tagging(
         hint = "" if recursive or not any(p.is_dir() for p in root.iterdir()) else "; use --recursive for subfolders"
         raise BadInput(f"no images in {root}{where} (looked for {kinds}){hint}")
     to_tag, skipped = [], []
+    shared = _sharing_a_caption(images, ext)
     for image in images:
         cap = caption_path(image, ext)
         if mode == "skip" and cap.is_file() and read_caption(cap):
             skipped.append(image)
-        else:
+        elif image not in shared:
             to_tag.append(image)
     if to_tag:
         check_writable({root} | {p.parent for p in to_tag})
         locked = read_only_files(caption_path(p, ext) for p in to_tag)
         if locked:
             raise BadInput(f"{locked_message(root, locked)}; nothing was tagged or changed")
-    return TagPlan(root, mode, ext, images, to_tag, skipped)
+    return TagPlan(root, mode, ext, images, to_tag, skipped, sorted(shared.items()))
+
+
+def _sharing_a_caption(images: list[Path], ext: str) -> dict[Path, str]:
+    """Images whose caption file another image also reads (`1.png` + `1.jpg` -> `1.txt`), with the reason. Tagging
+    them would give one of the two the other's tags, so they are listed instead (`check` reports them too)."""
+    by_caption: dict[str, list[Path]] = {}
+    for image in images:
+        by_caption.setdefault(str(caption_path(image, ext)).casefold(), []).append(image)
+    out = {}
+    for group in by_caption.values():
+        if len(group) > 1:
+            names = " and ".join(sorted(p.name for p in group))
+            cap = caption_path(group[0], ext).name
+            for image in group:
+                out[image] = f"{image}: {names} share {cap}; rename one so each image has its own caption"
+    return out
 
 
 def check_writable(folders: Iterable[Path]) -> None:
@@ -266,7 +284,7 @@ def run_plan(
     written and `interrupted` is set.
     """
     excluded = {tag_key(t) for t in exclude if t.strip()}
-    result = TagRunResult(plan.folder, len(plan.images), skipped=list(plan.skipped))
+    result = TagRunResult(plan.folder, len(plan.images), skipped=list(plan.skipped), failed=list(plan.shared))
     produced: list[list[str]] = []
     edits: dict[Path, str] = {}
     total = len(plan.to_tag)

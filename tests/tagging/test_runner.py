@@ -267,7 +267,7 @@ def test_cli_tags_a_folder_and_prints_frequency(wd14_dir, tmp_path, capsys):
     assert code == 0
     assert read_caption(folder / "red.txt").startswith("hatsune miku, red theme, 1girl")
     assert "tag frequency (" in out and "  1girl" in out and "solo " not in out
-    assert "broken.jpg" in err and "could not be read" in err
+    assert "1 images were not tagged:" in err and f"cannot read image {folder / 'broken.jpg'}" in err
     assert f"python -m lib_lora tags {folder} --undo" in out
     assert main(["tags", str(folder), "--undo"]) == 0  # the hint works: the whole run is taken back
     assert not (folder / "red.txt").exists() and not (folder / "blue.txt").exists()
@@ -310,3 +310,16 @@ def test_read_only_caption_file_is_refused_before_tagging(tagger, tmp_path):
     assert locked.read_text(encoding="utf-8") == "hand-written, keep" and not (folder / "blue.txt").exists()
     result = tag_folder(folder, tagger, mode="skip")  # the locked caption is not touched: fine
     assert [p.name for p in result.written] == ["blue.txt"]
+
+
+def test_images_sharing_one_caption_file_are_listed_not_tagged(tagger, tmp_path, capsys, wd14_dir):
+    """red.png and red.jpg both read red.txt: tagging both would leave one image with the other's tags."""
+    folder = make_folder(tmp_path / "d", names=("red", "blue"))
+    Image.new("RGB", (48, 48), COLORS["green"]).save(folder / "red.jpg")
+    result = tag_folder(folder, tagger, mode="overwrite")
+    assert [p.name for p in result.tagged] == ["blue.png"] and not (folder / "red.txt").exists()
+    assert sorted(p.name for p, _ in result.failed) == ["red.jpg", "red.png"]
+    assert all("red.txt" in msg and "rename" in msg for _, msg in result.failed)
+    assert main(["tag", str(folder), "--model_dir", str(wd14_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "2 images were not tagged" in err and "red.jpg and red.png share red.txt" in err
