@@ -103,6 +103,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
                 img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             orientation = img.getexif().get(0x0112, 1)  # the tag exif_transpose acts on (EXIF or XMP)
             img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # a "bomb" is no OSError
         raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -148,3 +148,16 @@ def test_16_bit_grayscale_png_keeps_its_brightness(tmp_path):
     ds = Dataset.build(small_options(root, train_batch_size=1, enable_bucket=False))
     pixels = ds.load_batch(ds.epoch_batches(1)[0]).pixels.numpy()
     assert abs(pixels.mean()) < 0.05  # a ramp averages mid-grey (0 in [-1, 1]), not white (+1)
+
+
+def test_decompression_bomb_is_skipped_and_listed_not_a_crash(tmp_path, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError)."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "train"
+    add_image(root / "1_c", "ok.png", size=(32, 32))
+    add_image(root / "1_c", "huge.png", size=(64, 64))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 32 * 32)  # 64x64 is over twice that: a "bomb" here
+    ds = Dataset.build(small_options(root, train_batch_size=1))
+    assert ds.num_train_images == 1
+    assert [(s.path.name, "decompression bomb" in s.reason) for s in ds.skipped] == [("huge.png", True)]
