@@ -261,12 +261,15 @@ def merge_caption(old: str, new_tags: Sequence[str], mode: str) -> str:
     """The caption after tagging. append / prepend keep the old text as written and add only tags it lacks."""
     if mode == "overwrite" or not old:
         return join_tags(list(new_tags))
-    have = {tag_key(t) for t in split_tags(old)}
+    # Training reads the first line only (as sd-scripts does): new tags go there, later lines (notes) stay as they are.
+    first, _, rest = old.replace("\r\n", "\n").partition("\n")
+    have = {tag_key(t) for t in split_tags(first)}
     fresh = [t for t in new_tags if tag_key(t) not in have]
     if not fresh:
         return old
-    old_text = old.strip().strip(",").strip()
-    return f"{old_text}, {join_tags(fresh)}" if mode == "append" else f"{join_tags(fresh)}, {old_text}"
+    old_text = first.strip().strip(",").strip()
+    line = f"{old_text}, {join_tags(fresh)}" if mode == "append" else f"{join_tags(fresh)}, {old_text}"
+    return line.strip(", ") + (f"\n{rest}" if rest else "")
 
 
 def run_plan(

@@ -323,3 +323,15 @@ def test_images_sharing_one_caption_file_are_listed_not_tagged(tagger, tmp_path,
     assert main(["tag", str(folder), "--model_dir", str(wd14_dir)]) == 0
     err = capsys.readouterr().err
     assert "2 images were not tagged" in err and "red.jpg and red.png share red.txt" in err
+
+
+def test_append_to_a_caption_on_several_lines_goes_on_the_first_line(tagger, tmp_path):
+    """Training reads the first line only (as sd-scripts does): tags appended after a note on line 2 were lost."""
+    assert merge_caption("a, b\nnote: from set 2", ["c"], "append") == "a, b, c\nnote: from set 2"
+    assert merge_caption("a, b\r\nnote", ["c", "a"], "append") == "a, b, c\nnote"
+    assert merge_caption("a, b\nnote", ["c"], "prepend") == "c, a, b\nnote"
+    folder = make_folder(tmp_path / "d", names=("red",))
+    (folder / "red.txt").write_text("my trigger\nshot on 2024-01-01", encoding="utf-8")
+    tag_folder(folder, tagger, mode="append")
+    first, second = (folder / "red.txt").read_text(encoding="utf-8").splitlines()
+    assert first.startswith("my trigger, hatsune_miku, red_theme") and second == "shot on 2024-01-01"
