@@ -119,7 +119,8 @@ class CheckReport:
 
     @property
     def images(self) -> int:
-        return sum(c.images for c in self.concepts)
+        """Image files found, unreadable ones included (each concept's `images` counts only those training uses)."""
+        return sum(c.images + c.unreadable for c in self.concepts)
 
     @property
     def steps_per_epoch(self) -> int:
