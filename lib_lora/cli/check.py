@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE, help="warn below this shortest side (px)")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="warn above this longest side (px)")
     parser.add_argument("--activation", default=None, help="activation tag every caption should hold (default: guessed)")
-    parser.add_argument("--caption-extension", "--caption_extension", default=".txt", help="caption file extension (default .txt)")
+    parser.add_argument("--caption-extension", "--caption_extension", default=".txt",
+                        help="caption file extension (default .txt)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size for the steps-per-epoch figure")
     parser.add_argument("--all", action="store_true", help=f"list every file (default: {_SHOWN_PER_GROUP} per problem)")
 

@@ -31,9 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--search", metavar="TAG", help="list images whose caption has TAG (* and ? allowed)")
     query.add_argument("--undo", action="store_true", help="restore the captions changed by the last edit")
     query.add_argument("--force", action="store_true",
-                       help="with --undo: also put back captions that were changed after that edit (their later changes are lost)")
+                       help="with --undo: also put back captions changed after that edit (losing those changes)")
     query.add_argument("--history", action="store_true", help="list the edits that --undo can take back")
-    parser.add_argument("--caption-extension", "--caption_extension", default=".txt", help="caption file extension (default .txt)")
+    parser.add_argument("--caption-extension", "--caption_extension", default=".txt",
+                        help="caption file extension (default .txt)")
 
 
 def _edit_from(args: argparse.Namespace) -> TagEdit:
