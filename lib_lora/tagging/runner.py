@@ -289,6 +289,7 @@ def run_plan(
     excluded = {tag_key(t) for t in exclude if t.strip()}
     result = TagRunResult(plan.folder, len(plan.images), skipped=list(plan.skipped), failed=list(plan.shared))
     produced: list[list[str]] = []
+    made: dict[Path, tuple[Path, list[str]]] = {}  # caption file -> (its image, the tags the image got)
     edits: dict[Path, str] = {}
     total = len(plan.to_tag)
     start = time.perf_counter()
@@ -301,14 +302,10 @@ def run_plan(
                 result.tagged.append(path)
                 kept = list(dedupe([t for t in tags or [] if tag_key(t) not in excluded]))
                 produced.append(kept)
-                cap = caption_path(path, plan.caption_extension)
-                old = read_caption(cap) if cap.is_file() else ""
                 if not kept:
                     result.no_tags.append(path)
                 else:
-                    new = merge_caption(old, kept, plan.mode)
-                    if new != old:
-                        edits[cap] = new
+                    made[caption_path(path, plan.caption_extension)] = (path, kept)
             if progress:
                 progress(done, total)
             if should_stop and should_stop():
@@ -319,6 +316,19 @@ def run_plan(
     except BaseException as exc:  # a model failure must not throw away the captions already made
         failure = exc
     result.seconds = time.perf_counter() - start
+    # Merged with the captions as they are now, not as they were when each image was tagged: a caption the user
+    # edited during a long run (in the tab) keeps that edit, and in 'skip' mode one captioned meanwhile is left alone.
+    for cap, (image, kept) in made.items():
+        try:
+            old = read_caption(cap) if cap.is_file() else ""
+        except OSError as exc:  # e.g. its permissions changed meanwhile: the other captions are still written
+            result.failed.append((image, f"cannot read caption {cap}: {exc.strerror or exc}"))
+            continue
+        if plan.mode == "skip" and old:
+            continue
+        new = merge_caption(old, kept, plan.mode)
+        if new != old:
+            edits[cap] = new
     if edits:
         result.undo = write_captions(plan.folder, edits, f"tag {tagger.name} ({plan.mode})")
         result.written = sorted(edits)

@@ -335,3 +335,30 @@ def test_append_to_a_caption_on_several_lines_goes_on_the_first_line(tagger, tmp
     tag_folder(folder, tagger, mode="append")
     first, second = (folder / "red.txt").read_text(encoding="utf-8").splitlines()
     assert first.startswith("my trigger, hatsune_miku, red_theme") and second == "shot on 2024-01-01"
+
+
+def test_a_caption_edited_during_the_run_keeps_the_edit(tagger, tmp_path):
+    """A long run in the tab while the user fixes a caption by hand: the run's write must build on that edit."""
+    folder = make_folder(tmp_path / "d", names=("blue", "green", "red"))  # tagged in this order
+    (folder / "blue.txt").write_text("old text", encoding="utf-8")
+
+    def hand_edit(done, total):
+        if done == 2:  # blue and green are tagged (not yet written); the user now edits both captions by hand
+            (folder / "blue.txt").write_text("fixed by hand", encoding="utf-8")
+            (folder / "green.txt").write_text("green by hand", encoding="utf-8")
+
+    tag_folder(folder, tagger, mode="append", batch_size=1, workers=0, progress=hand_edit)
+    assert read_caption(folder / "blue.txt").startswith("fixed by hand, hatsune_miku")
+    assert read_caption(folder / "green.txt").startswith("green by hand, hatsune_miku")
+    undo_last(folder)
+    assert read_caption(folder / "blue.txt") == "fixed by hand" and read_caption(folder / "green.txt") == "green by hand"
+    for name in ("blue.txt", "green.txt"):
+        (folder / name).unlink()
+
+    def caption_blue(done, total):
+        if done == 2:
+            (folder / "blue.txt").write_text("blue by hand", encoding="utf-8")
+
+    result = tag_folder(folder, tagger, mode="skip", batch_size=1, workers=0, progress=caption_blue)
+    assert read_caption(folder / "blue.txt") == "blue by hand"  # skip: captioned meanwhile, so left alone
+    assert sorted(p.name for p in result.written) == ["green.txt", "red.txt"]
