@@ -98,9 +98,8 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
     except OSError as exc:  # read-only folder or file system, full disk: nothing was written
         _remove_if_empty(journal_dir)
         raise BadInput(f"cannot write captions in {root}: {exc.strerror or exc}; no caption was changed") from exc
-    written: list[Path] = []
+    done: list[Path] = []
     try:
-        done: list[Path] = []
         for path, text in new.items():
             atomic_write_text(path, text + "\n" if text else "")  # the bytes _file_bytes(text) gives
             done.append(path)
