@@ -311,7 +311,7 @@ class Run(TrainStep):
                          dataset=self.data, epoch=epoch, steps=st.global_step, started_at=st.started_at,
                          session_id=st.session_id, base_model=training.get("ss_sd_model_name"),
                          activation_text=activation_text(self.data))
-        except OSError as exc:
+        except (OSError, BadInput) as exc:  # full disk, no permission, something in the way
             raise WriteFailed(path, exc) from exc
         self.files.append(str(path))
         st.saved_files = list(self.files)

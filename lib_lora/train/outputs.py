@@ -22,8 +22,9 @@ class WriteFailed(Exception):
     """A file or folder of the run could not be written (full disk, no permission, something in the way): the run
     ends with a Failed event naming it instead of a traceback."""
 
-    def __init__(self, path, exc: OSError):
-        super().__init__(f"could not write {path}: {exc.strerror or exc}")
+    def __init__(self, path, exc: Exception):
+        # the network's save_lora already says which file and why (a one-line BadInput); a raw OSError does not
+        super().__init__(str(exc) if not isinstance(exc, OSError) else f"could not write {path}: {exc.strerror or exc}")
 
 
 def epoch_file(cfg: TrainConfig, epoch: int | None) -> Path:
