@@ -82,6 +82,7 @@ class TrainService:
         fixed = self.fixed(project)
         if config is not None:
             cfg = dataclasses.replace(config, **{k: v for k, v in fixed.items()})
+            fields.check_ranges(cfg)  # the widgets' values were checked on their way in; a config was not
         else:
             cfg = fields.build_config(values or {}, fixed)
         problems = validate(cfg, need_model_path=False)
