@@ -183,6 +183,7 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
             height=int(number("Height", body.get("height", 512), 64, 2048)),
             sampler=str(body.get("sampler", "Euler a")),
         )
+        service.check_idle_for("the comparison grid")
         result = host.run_grid(request)
         buf = io.BytesIO()
         result.image.save(buf, format="PNG")

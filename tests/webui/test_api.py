@@ -111,3 +111,36 @@ def test_grid_merge_and_tag_refuse_bad_values_with_a_4xx_and_run_nothing(api):
     r = client.post("/lora-train/v1/projects/p/tag", json={"tagger": "wd14", "threshold": "abc"})
     assert r.status_code == 400 and "threshold" in r.json()["detail"], r.text
     assert ran == []
+
+
+def test_a_grid_while_a_training_runs_is_refused_instead_of_waiting_for_the_whole_run(tmp_path):
+    """The grid takes the webui's queue lock, which the training holds: Run comparison grid after epoch 2 of 10
+    spun until the run ended. Refused with a 409 that says to pause; runs once the training is paused."""
+    import threading
+    import time
+
+    host = FolderHost(tmp_path)
+    ran = []
+    host.run_grid = lambda request: ran.append(request)
+    release = threading.Event()
+    service = TrainService(host, JobQueue(lambda job: release.wait(20)))
+    app = fastapi.FastAPI()
+    add_routes(app, service)
+    client = TestClient(app)
+    client.post("/lora-train/v1/projects", json={"name": "p"})
+    make_images(service.root() / "p" / "dataset" / "10_p", 2)
+    host.lora_output_dir("p").mkdir(parents=True)
+    (host.lora_output_dir("p") / "p-01.safetensors").write_bytes(b"x")
+    job = service.start("p", {})
+    for _ in range(200):
+        if job.status == "running":
+            break
+        time.sleep(0.01)
+    r = client.post("/lora-train/v1/grid", json={"project": "p"})
+    assert r.status_code == 409 and "Pause" in r.json()["detail"] and job.id in r.json()["detail"], r.text
+    with pytest.raises(Exception, match="Pause"):
+        service.check_idle_for("the comparison grid")
+    assert ran == []
+    job.control.pause()
+    service.check_idle_for("the comparison grid")  # a paused run has handed the model back
+    release.set()
