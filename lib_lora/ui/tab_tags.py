@@ -148,6 +148,7 @@ def build(ctx) -> None:
 
     def do_tag(project_name, tagger, threshold, mode, model_dir, image_path, progress=None):
         project = ctx.project(project_name)
+        ctx.service.check_idle_for("tagging")
         report = (lambda done, total: progress((done, total), desc="tagging")) if progress is not None else None
         result = run_tagger(project, tagger, threshold, mode, ctx.host, report, model_dir)
         return {**texts(project_name, image_path), ctx.msg: message(result, "ok")}

@@ -100,6 +100,7 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
         from ..ui.tab_test import number
 
         threshold = number("threshold", body.get("threshold", 0.35), 0.0, 1.0)
+        service.check_idle_for("tagging")
         result = run_tagger(project, str(body.get("tagger", "wd14")), threshold,
                             str(body.get("mode", "append")), host, model_dir=str(body.get("model_dir") or ""))
         return {"project": name, "result": result}
@@ -209,6 +210,7 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
             loras.append((path, number(f"weight of {ref}", item.get("weight", 1.0), -4.0, 4.0)))
         if not loras:
             raise BadInput("name at least one LoRA")
+        service.check_idle_for("the merge")
         out = host.merge(MergeRequest(str(body.get("checkpoint", "")), tuple(loras), str(body.get("name", "")),
                                       str(body.get("save_precision", "fp16"))))
         return {"path": str(out)}

@@ -122,6 +122,7 @@ def test_a_grid_while_a_training_runs_is_refused_instead_of_waiting_for_the_whol
     host = FolderHost(tmp_path)
     ran = []
     host.run_grid = lambda request: ran.append(request)
+    host.merge = lambda request: ran.append(request)
     release = threading.Event()
     service = TrainService(host, JobQueue(lambda job: release.wait(20)))
     app = fastapi.FastAPI()
@@ -138,6 +139,10 @@ def test_a_grid_while_a_training_runs_is_refused_instead_of_waiting_for_the_whol
         time.sleep(0.01)
     r = client.post("/lora-train/v1/grid", json={"project": "p"})
     assert r.status_code == 409 and "Pause" in r.json()["detail"] and job.id in r.json()["detail"], r.text
+    r = client.post("/lora-train/v1/merge", json={"checkpoint": "m", "name": "new", "loras": [{"name": "p-01"}]})
+    assert r.status_code == 409 and "the merge would wait" in r.json()["detail"], r.text
+    r = client.post("/lora-train/v1/projects/p/tag", json={"tagger": "wd14"})
+    assert r.status_code == 409 and "tagging would wait" in r.json()["detail"], r.text
     with pytest.raises(Exception, match="Pause"):
         service.check_idle_for("the comparison grid")
     assert ran == []
