@@ -8,12 +8,14 @@ interrupt therefore leaves every caption either old or new, and `undo_last` can 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .errors import BadInput
 from .fsutil import atomic_write_bytes, atomic_write_text
@@ -72,47 +74,90 @@ def write_captions(folder: str | os.PathLike, edits: Mapping[str | os.PathLike, 
     if not root.is_dir():
         raise BadInput(f"folder does not exist: {root}")
     old: dict[str, str | None] = {}
+    written: dict[str, str] = {}
     new: dict[Path, str] = {}
+    keys: dict[Path, str] = {}
     for raw_path, text in edits.items():
         path = Path(raw_path)
         before = read_caption(path) if path.exists() else None
         if before == text.strip() and path.exists():
             continue
-        old[str(path.resolve())] = _raw_or_none(path)
+        key = keys[path] = _journal_key(root, path)
+        old[key] = _raw_or_none(path)
         new[path] = text.strip()
+        written[key] = _digest(_file_bytes(new[path]))
     if not new:
         return None
+    locked = read_only_files(new)
+    if locked:
+        raise BadInput(f"{_locked_message(root, locked)}; no caption was changed")
     journal_dir = _journal_root(root)
     journal = journal_dir / f"{time.time_ns():020d}.json"
     try:
-        atomic_write_text(journal, json.dumps({"label": label, "files": old}, ensure_ascii=False))
+        atomic_write_text(journal, json.dumps({"label": label, "files": old, "written": written}, ensure_ascii=False))
     except OSError as exc:  # read-only folder or file system, full disk: nothing was written
         _remove_if_empty(journal_dir)
         raise BadInput(f"cannot write captions in {root}: {exc.strerror or exc}; no caption was changed") from exc
-    written: list[Path] = []
+    done: list[Path] = []
     try:
         for path, text in new.items():
-            atomic_write_text(path, text + "\n" if text else "")
-            written.append(path)
+            atomic_write_text(path, text + "\n" if text else "")  # the bytes _file_bytes(text) gives
+            done.append(path)
     except OSError as exc:
         # A caption folder that refuses writes half-way (a read-only concept folder, a full disk): put back the
         # ones already written so the batch is all-or-nothing, not just each file.
-        restored = _restore(written, old)
+        restored = _restore(done, {path: old[keys[path]] for path in done})
         if restored:
             journal.unlink(missing_ok=True)
             _remove_if_empty(journal_dir)
             tail = "no caption was changed"
         else:
-            tail = f"{len(written)} caption(s) were changed; run the undo to put them back"
+            tail = f"{len(done)} caption(s) were changed; run the undo to put them back"
         raise BadInput(f"cannot write {path}: {exc.strerror or exc}; {tail}") from exc
     return UndoEntry(journal, label, len(new))
 
 
-def _restore(paths: list[Path], old: dict[str, str | None]) -> bool:
+def read_only_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Existing files without the owner's write permission: captions the user locked. We never replace them, on
+    any system (a rename would go over them on Linux and macOS; on Windows the replace fails half-way)."""
+    out = []
+    for raw in paths:
+        path = Path(raw)
+        try:
+            if not path.stat().st_mode & stat.S_IWUSR:
+                out.append(path)
+        except OSError:  # missing: it will be created
+            pass
+    return sorted(out)
+
+
+def _locked_message(root: Path, locked: list[Path]) -> str:
+    names = ", ".join(_shown(root, p) for p in locked[:5]) + (" ..." if len(locked) > 5 else "")
+    return f"{len(locked)} caption file(s) are read-only ({names}); make them writable to change them"
+
+
+def _file_bytes(text: str) -> bytes:
+    """What a caption file holds: the stripped text and one newline (an empty caption is an empty file)."""
+    return (text + "\n").encode("utf-8") if text else b""
+
+
+def _digest(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _journal_key(root: Path, path: Path) -> str:
+    """The caption's path relative to the dataset folder, so the history follows the folder when it moves."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:  # outside the dataset folder (the engine never writes there; kept for safety)
+        return str(path.resolve())
+
+
+def _restore(paths: list[Path], old: dict[Path, str | None]) -> bool:
     """Put `paths` back to their journaled bytes; False when that fails too (the journal then stays for undo)."""
     try:
         for path in paths:
-            encoded = old[str(path.resolve())]
+            encoded = old[path]
             if encoded is None:
                 path.unlink(missing_ok=True)
             else:
@@ -139,15 +184,40 @@ def undo_history(folder: str | os.PathLike) -> list[UndoEntry]:
     return entries
 
 
-def undo_last(folder: str | os.PathLike) -> UndoEntry | None:
-    """Restore the captions changed by the most recent journaled batch; None when there is nothing to undo."""
-    history = undo_history(folder)
+def undo_last(folder: str | os.PathLike, force: bool = False) -> UndoEntry | None:
+    """Restore the captions changed by the most recent journaled batch; None when there is nothing to undo.
+
+    Nothing is restored (BadInput, the history kept) when a caption's folder is gone (a concept folder renamed
+    to change its repeats: restoring would rebuild the old folder with captions only), or, unless `force`, when a
+    caption was changed after the batch (by hand or another tool): undo must not silently throw that work away.
+    """
+    root = Path(folder)
+    history = undo_history(root)
     if not history:
         return None
     entry = history[-1]
     data = json.loads(entry.journal.read_text(encoding="utf-8"))
-    for raw_path, encoded in data["files"].items():
-        path = Path(raw_path)
+    files = {_journal_path(root, key): encoded for key, encoded in data["files"].items()}
+    gone = sorted({_shown(root, path.parent) for path in files if not path.parent.is_dir()})
+    if gone:
+        raise BadInput(
+            f"cannot undo '{entry.label}': folder {', '.join(gone[:3])} no longer exists (renamed or moved since?); "
+            "nothing was restored and the undo history is kept: give the folder its old name to undo"
+        )
+    # Changed after the batch: neither what the batch wrote nor what it found (an interrupted batch leaves some
+    # captions old; restoring those is a no-op, not a conflict).
+    recorded = {_journal_path(root, key): digest for key, digest in data.get("written", {}).items()}
+    changed = [
+        path for path, digest in recorded.items()
+        if _digest(_current_bytes(path)) not in (digest, _digest(_decoded(files[path])))
+    ]
+    if changed and not force:
+        names = ", ".join(_shown(root, p) for p in sorted(changed)[:5]) + (" ..." if len(changed) > 5 else "")
+        raise BadInput(
+            f"cannot undo '{entry.label}': {len(changed)} caption(s) were changed after it ({names}); nothing was "
+            "restored; undo with --force to put the whole batch back and lose those later changes"
+        )
+    for path, encoded in files.items():
         if encoded is None:
             if path.exists():
                 path.unlink()
@@ -156,6 +226,31 @@ def undo_last(folder: str | os.PathLike) -> UndoEntry | None:
     entry.journal.unlink()
     _remove_if_empty(entry.journal.parent)  # no empty journal folder left behind once everything is undone
     return entry
+
+
+def _journal_path(root: Path, key: str) -> Path:
+    path = Path(key)
+    return path if path.is_absolute() else root / path  # absolute: journals written before paths were relative
+
+
+def _decoded(encoded: str | None) -> bytes | None:
+    return None if encoded is None else base64.b64decode(encoded)
+
+
+def _current_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def locked_message(root: str | os.PathLike, locked: list[Path]) -> str:
+    """'N caption file(s) are read-only (a.txt, ...); make them writable to change them' (for the tagger's check)."""
+    return _locked_message(Path(root), locked)
+
+
+def _shown(root: Path, path: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix() or "."
+    except ValueError:
+        return str(path)
 
 
 def _remove_if_empty(folder: Path) -> None:

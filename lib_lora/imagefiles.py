@@ -63,6 +63,8 @@ def open_image_rgb(
                 img.draft("RGB", (draft_size, draft_size) if isinstance(draft_size, int) else tuple(draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode in _WIDE_GREY_MODES:
+                img = _grey_to_8_bit(img)
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, background + (255,))
@@ -71,6 +73,20 @@ def open_image_rgb(
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # broken / truncated / huge
         raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
+
+
+# 16-bit grey PNGs open as "I;16" (Pillow 10) or "I" (Pillow 9). Pillow's convert("RGB") clips those values at
+# 255 instead of scaling them, so a 16-bit grey photo would come out almost white in training and tagging.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey_to_8_bit(img):
+    """A 16-bit grey image as 8-bit "L", scaled (0..65535 -> 0..255) rather than clipped."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -87,6 +103,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
                 img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             orientation = img.getexif().get(0x0112, 1)  # the tag exif_transpose acts on (EXIF or XMP)
             img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # a "bomb" is no OSError
         raise IncompatibleFile(f"cannot read image {path}: {exc}") from exc
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

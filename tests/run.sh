@@ -28,6 +28,12 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
         || echo "warning: could not install chromium; the browser tests will be skipped"
 fi
 
+# Both venvs hold a torch build (~6 GB each): say so up front rather than fail deep inside pip with ENOSPC.
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ ! -x .venv-webui/bin/python ] && [ "${free_kb:-0}" -lt $((14 * 1024 * 1024)) ]; then
+    echo "warning: $((free_kb / 1024 / 1024)) GB free here; building the two test venvs needs about 13 GB" >&2
+fi
+
 setup .venv requirements-dev.txt
 setup .venv-webui tests/requirements-webui.txt
 

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE, help="warn below this shortest side (px)")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="warn above this longest side (px)")
     parser.add_argument("--activation", default=None, help="activation tag every caption should hold (default: guessed)")
-    parser.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
+    parser.add_argument("--caption-extension", "--caption_extension", default=".txt",
+                        help="caption file extension (default .txt)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size for the steps-per-epoch figure")
     parser.add_argument("--all", action="store_true", help=f"list every file (default: {_SHOWN_PER_GROUP} per problem)")
 
@@ -62,7 +63,7 @@ def format_report(report: CheckReport, limit: int | None = _SHOWN_PER_GROUP) -> 
         else:
             lines.append(
                 f"  {name:<{width}}  {c.images:>5} images x {c.repeats:>3} repeats = {c.steps:>6} steps"
-                f"   ({c.captions} captioned)"
+                f"   ({c.captions} captioned{f'; {c.unreadable} unreadable not counted' if c.unreadable else ''})"
             )
     per_batch = f" at batch size {report.batch_size}" if report.batch_size > 1 else " (batch size 1)"
     lines.append(f"  steps per epoch: {report.steps_per_epoch}{per_batch}")

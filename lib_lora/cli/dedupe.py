@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_THRESHOLD}; lower = stricter)",
     )
     parser.add_argument("--move", action="store_true", help=f"move all but the largest of each group into DIR/{DUPLICATES_DIR}/")
-    parser.add_argument("--caption-extension", default=".txt", help="caption file extension moved with each image")
+    parser.add_argument("--caption-extension", "--caption_extension", default=".txt",
+                        help="caption file extension moved with each image")
 
 
 def _show(path: Path, root: Path) -> str:

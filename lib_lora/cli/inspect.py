@@ -30,11 +30,15 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _number(value) -> str:
+    return value if isinstance(value, str) else f"{value:g}"  # str: a broken alpha ('nan', 'inf')
+
+
 def _dim_alpha(summary: dict) -> str:
     def show(value):
         if isinstance(value, list):
-            return "varies (" + ", ".join("none" if v is None else f"{v:g}" for v in value) + ")"
-        return "none (= dim)" if value is None else f"{value:g}"
+            return "varies (" + ", ".join("none" if v is None else _number(v) for v in value) + ")"
+        return "none (= dim)" if value is None else _number(value)
 
     return ", ".join(f"{kind} {show(v['dim'])} / {show(v['alpha'])}" for kind, v in summary.items())
 
@@ -61,12 +65,14 @@ def format_text(info: dict) -> str:
         lines.append(("legacy hash", hashes["legacy_hash"]))
     if not info["metadata_keys"]:
         lines.append(("metadata", "none (the webui will list it as 'Unknown' SD version)"))
+    for problem in info.get("problems") or ():
+        lines.append(("problems", problem))
     width = max(len(label) for label, _ in lines) + 2
     text = "\n".join(f"{label + ':':<{width}}{value}" for label, value in lines)
     if info["per_module"]:
         rows = []
         for name, value in sorted(info["per_module"].items()):
-            alpha = "none" if value["alpha"] is None else f"{value['alpha']:g}"
+            alpha = "none" if value["alpha"] is None else _number(value["alpha"])
             rows.append(f"  {name}  dim {value['dim']}  alpha {alpha}")
         text += "\nper module:\n" + "\n".join(rows)
     return text

@@ -132,7 +132,7 @@ def _report(result, plan, args) -> None:
     if result.no_tags:
         print(f"{len(result.no_tags)} images got no tag over the thresholds (their captions were left as they were)")
     if result.failed:
-        print(f"{len(result.failed)} images could not be read and were skipped:", file=sys.stderr)
+        print(f"{len(result.failed)} images were not tagged:", file=sys.stderr)
         for _, message in result.failed:
             print(f"  {message}", file=sys.stderr)
     if result.frequency and args.tagger == "wd14":  # BLIP sentences are all different: no table

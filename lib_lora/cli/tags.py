@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     query.add_argument("--top", type=int, default=0, metavar="N", help="with --freq: only the N most frequent")
     query.add_argument("--search", metavar="TAG", help="list images whose caption has TAG (* and ? allowed)")
     query.add_argument("--undo", action="store_true", help="restore the captions changed by the last edit")
+    query.add_argument("--force", action="store_true",
+                       help="with --undo: also put back captions changed after that edit (losing those changes)")
     query.add_argument("--history", action="store_true", help="list the edits that --undo can take back")
-    parser.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
+    parser.add_argument("--caption-extension", "--caption_extension", default=".txt",
+                        help="caption file extension (default .txt)")
 
 
 def _edit_from(args: argparse.Namespace) -> TagEdit:
@@ -62,12 +65,14 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"choose one action at a time (got {' and '.join(chosen)})")
     if not actions and edit.is_empty():
         raise BadInput("nothing to do: give an edit (--activation, --prune, --replace, --dedupe, --sort) or --freq, --search, --undo")
+    if args.force and actions != ["undo"]:
+        raise BadInput("--force goes with --undo only")
     if actions == ["freq"]:
         return _freq(root, args)
     if actions == ["search"]:
         return _search(root, args)
     if actions == ["undo"]:
-        return _undo(root)
+        return _undo(root, args.force)
     if actions == ["history"]:
         return _history(root)
     return _edit(root, edit, args)
@@ -110,8 +115,8 @@ def _search(root: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _undo(root: Path) -> int:
-    entry = edits.undo(root)
+def _undo(root: Path, force: bool = False) -> int:
+    entry = edits.undo(root, force=force)
     if entry is None:
         print(f"nothing to undo in {root}")
         return 0

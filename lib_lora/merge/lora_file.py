@@ -28,6 +28,7 @@ _PARTS = (
     (".lora.up.weight", "up"),
     (".alpha", "alpha"),
 )
+_FLOAT32_MAX = 3.4028234663852886e38
 _DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
 
 
@@ -92,13 +93,16 @@ class LoraFile:
         """region += multiplier * delta, in place on a contiguous float32 region (one fused matmul-add, no
         full-size temporary except for Tucker modules)."""
         flat = region.view(region.shape[0], -1)
+        rank = self.shape(module.down)[0]
+        scale = self.alpha_value(module) / rank * multiplier
+        if not (abs(scale) <= _FLOAT32_MAX and abs(multiplier) <= _FLOAT32_MAX):  # torch refuses such float32 factors
+            raise BadInput(f"multiplier {multiplier:g} for {self.path.name} is too large (module {module.name}: "
+                           f"{multiplier:g} x alpha / rank overflows float32)")
         if module.mid is not None:
             flat.add_(self.delta(module).reshape(flat.shape), alpha=multiplier)
             return
         down = self.reader.read_tensor(module.down).float()
         up = self.reader.read_tensor(module.up).float()
-        rank = down.shape[0]
-        scale = self.alpha_value(module) / rank * multiplier
         flat.addmm_(up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha=scale)
 
     def close(self) -> None:
@@ -169,6 +173,10 @@ def _group(p: Path, reader: SafetensorsFile, arch: str) -> LoraFile:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         what = "is not a LoRA file" if not modules else "has keys that are not LoRA tensors"
         raise IncompatibleFile(f"{p.name} {what}: {', '.join(unknown[:3])}{more}")
+    for name, module in list(modules.items()):
+        if module.down is None and module.up is None and module.mid is None:  # an alpha alone changes nothing
+            ignored.append(module.alpha)
+            del modules[name]
     if not modules:
         raise IncompatibleFile(f"{p.name} holds no LoRA modules")
     lora = LoraFile(p, reader, modules, dict(reader.metadata), ignored)

@@ -48,7 +48,7 @@ class LoraReport:
     multiplier: float
     merged: dict[str, int]  # part ("unet", "te", "te1", "te2") -> modules merged
     not_found: list[str] = field(default_factory=list)  # module names with no weight (only with allow_missing)
-    ignored_keys: list[str] = field(default_factory=list)  # e.g. bundled embeddings (`bundle_emb.*`)
+    ignored_keys: list[str] = field(default_factory=list)  # bundled embeddings (`bundle_emb.*`), alpha without weights
 
 
 @dataclass
@@ -87,13 +87,21 @@ class MergeReport:
                 lines.append(f"  {Path(lora.path).name}: {len(lora.not_found)} modules not in the checkpoint, skipped: "
                              + _examples(lora.not_found))
             if lora.ignored_keys:
-                lines.append(f"  {Path(lora.path).name}: {len(lora.ignored_keys)} bundled-embedding keys ignored")
+                lines.append(f"  {Path(lora.path).name}: {_ignored(lora.ignored_keys)}")
         if self.yaml_copied:
             lines.append(f"  copied {Path(self.out_path).with_suffix('.yaml').name} beside it")
         return "\n".join(lines)
 
 
 _ARCH_TITLE = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+
+
+def _ignored(keys: list[str]) -> str:
+    kinds = (("bundled embeddings", [k for k in keys if k.startswith("bundle_emb.")]),
+             ("alpha without lora_down / lora_up", [k for k in keys if not k.startswith("bundle_emb.")]))
+    n = len(keys)
+    return f"{n} key{'s' if n != 1 else ''} ignored (" + "; ".join(f"{what}" if len(found) == n else f"{what}: {len(found)}"
+                                                              for what, found in kinds if found) + ")"
 
 
 @dataclass
@@ -329,10 +337,19 @@ def _check_space(out: Path, needed: int) -> None:
         free = shutil.disk_usage(folder).free
     except OSError:
         return
-    if free < needed + 16 * 2**20:
+    if free < needed + _HEADROOM:
         raise BadInput(
-            f"not enough disk space for {out.name}: needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free in {folder}"
+            f"not enough disk space for {out.name}: needs {_size(needed)} + {_HEADROOM >> 20} MiB headroom, "
+            f"{_size(free)} free in {folder}"
         )
+
+
+_HEADROOM = 16 * 2**20
+
+
+def _size(n: int) -> str:
+    """MiB below 1 GiB, so that small sizes don't all read 0.01 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _existing_parent(p: Path) -> Path:

@@ -12,6 +12,7 @@ Facts these follow (lora-format.md 1, 4.3; webui-api.md 4.8-4.10):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Mapping
 import torch
 
 from ..errors import BadInput, IncompatibleFile
-from ..fsutil import atomic_write_bytes, atomic_write_text, check_name
+from ..fsutil import atomic_write_bytes, check_name
 from ..safetensors_header import parse_header
 
 PRECISIONS = {
@@ -79,15 +80,25 @@ def save_lora(
     for key in ("sshs_model_hash", "sshs_legacy_hash"):
         meta.pop(key, None)
     # sd-scripts hashes a serialisation that carries only the ss_* metadata (so later user metadata edits don't
-    # change the legacy hash); the data section, hence the model hash, does not depend on the header at all
-    hashed = serialise(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")} or None)
+    # change the legacy hash), passed as a dict even when empty (the header then holds `"__metadata__":{}`); the
+    # data section, hence the model hash, does not depend on the header at all
+    hashed = serialise(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
     meta["sshs_model_hash"] = hashlib.sha256(_data_section(hashed)).hexdigest()
     meta["sshs_legacy_hash"] = hashlib.sha256(hashed[_LEGACY_OFFSET:_LEGACY_OFFSET + _LEGACY_LENGTH]).hexdigest()[:8]
     data = serialise(tensors, metadata=meta)
     if not data[8:10] == b'{"':
         raise RuntimeError("safetensors wrote a header the webui cannot read (it must start with '{\"')")
-    atomic_write_bytes(target, data)
+    _write(target, data)
     return target
+
+
+def _write(target: Path, data: bytes) -> None:
+    """Atomic write; a full disk or an unwritable folder is a one-line BadInput (the old file, if any, is kept)."""
+    try:
+        atomic_write_bytes(target, data)
+    except OSError as exc:
+        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise BadInput(f"could not write {target.name}: {reason} (in {target.parent}); nothing was written") from None
 
 
 def _precision(precision: str) -> torch.dtype:
@@ -164,6 +175,15 @@ def file_model_hash(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ sidecar
+def _existing_card(path: Path) -> dict:
+    """The card already beside the file (what the user typed into the webui: notes, negative text, ...), or {}."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_sidecar(
     lora_path: str | os.PathLike,
     activation_text: str = "",
@@ -171,7 +191,8 @@ def write_sidecar(
     sd_version: str = "SD1",
     description: str = "",
 ) -> Path:
-    """Write `<stem>.json` beside the LoRA with the webui's user-metadata keys and return its path.
+    """Write `<stem>.json` beside the LoRA with the webui's user-metadata keys and return its path. Other keys of
+    an existing card (the webui's "notes", "negative text", ...) are kept.
 
     `sd_version` is 'SD1' | 'SD2' | 'SDXL' (or 'sd1' | 'sd2' | 'sdxl'); `preferred_weight` 0 means the webui's
     default multiplier."""
@@ -190,5 +211,6 @@ def write_sidecar(
         "sd version": version,
         "description": str(description),
     }
-    atomic_write_text(target, json.dumps(data, indent=4, ensure_ascii=False) + "\n")
+    data.update({k: v for k, v in _existing_card(target).items() if k not in data})
+    _write(target, (json.dumps(data, indent=4, ensure_ascii=False) + "\n").encode("utf-8"))
     return target

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -58,8 +59,19 @@ def describe(path: str | os.PathLike) -> dict:
         "top_tags": _top_tags(metadata.get("ss_tag_frequency")),
         "hashes": _hashes(path, metadata),
         "metadata_keys": len(metadata),
+        "problems": _problems(ranks),
     }
     return info
+
+
+def _problems(ranks: dict[str, dict]) -> list[str]:
+    """One line per kind of damage a user should know about before loading the file."""
+    broken = sorted(m for m, v in ranks.items() if isinstance(v["alpha"], str))
+    if not broken:
+        return []
+    more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+    return [f"alpha of {broken[0]}{more} is not a finite number ({ranks[broken[0]]['alpha']}): the file is damaged "
+            "or from a diverged run (black images)"]
 
 
 def _counts(parts: dict[str, list[str]]) -> dict[str, int]:
@@ -116,7 +128,9 @@ def _ranks(path, shapes: dict, parts: dict) -> dict[str, dict]:
 
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             for key in alpha_keys:
-                alphas[split_key(key)[0]] = float(fh.get_tensor(key).float().reshape(-1)[0])
+                value = float(fh.get_tensor(key).float().reshape(-1)[0])
+                # NaN / inf are no JSON numbers (`--json` is for machines): spelled as strings, listed as problems
+                alphas[split_key(key)[0]] = value if math.isfinite(value) else str(value)
     out = {}
     for module, module_parts in parts.items():
         down = next((p for p in _DOWN if p in module_parts), None)
@@ -138,10 +152,15 @@ def _summarise(ranks: dict, down_shapes: dict) -> dict[str, dict]:
         group["dim"].add(value["dim"])
         group["alpha"].add(value["alpha"])
     return {
-        kind: {key: (next(iter(vals)) if len(vals) == 1 else sorted(vals, key=lambda v: (v is None, v)))
+        kind: {key: (next(iter(vals)) if len(vals) == 1 else sorted(vals, key=_order))
                for key, vals in group.items()}
         for kind, group in sorted(groups.items(), key=lambda kv: kv[0] != "linear")
     }
+
+
+def _order(value) -> tuple:
+    """Numbers first (ascending), then broken values ('nan', 'inf'), then None."""
+    return (value is None, isinstance(value, str), value if isinstance(value, (int, float)) else 0, str(value))
 
 
 def _varies(ranks: dict, down_shapes: dict) -> bool:

@@ -74,7 +74,7 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     """Kohya LoRA/LoCon tensors in our spelling: `lora_down.weight`, `lora_up.weight`, `alpha` (missing = rank).
 
     Raises IncompatibleFile for keys that are not kohya-named, for other network types (LoHa, LoKr, ...), for
-    variants we cannot represent (DoRA, Tucker) and for modules lacking down or up."""
+    variants we cannot represent (DoRA, Tucker), for modules lacking down or up and for NaN / infinite values."""
     parts_by_module: dict[str, dict[str, torch.Tensor]] = {}
     foreign = []
     for key, value in state_dict.items():
@@ -100,6 +100,8 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     for module, parts in parts_by_module.items():
         down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None and up is None and set(parts) <= {"alpha", "scale"}:
+            continue  # an alpha without weights changes nothing; sd-scripts ignores it too
         if down is None or up is None:
             missing = "lora_down.weight" if down is None else "lora_up.weight"
             raise IncompatibleFile(f"module {module} has no {missing}")
@@ -113,6 +115,8 @@ def normalise_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         if alpha is None:
             scale = parts.get("scale")  # webui convention: an explicit scale instead of alpha
             alpha = torch.tensor(float(scale) * rank if scale is not None else float(rank))
+        if not all(bool(torch.isfinite(t).all()) for t in (down, up, alpha)):  # a diverged run: black images
+            raise IncompatibleFile(f"module {module} holds NaN or infinite values (a diverged or damaged LoRA)")
         out[f"{module}.lora_down.weight"] = down
         out[f"{module}.lora_up.weight"] = up
         out[f"{module}.alpha"] = alpha.reshape(())

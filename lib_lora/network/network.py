@@ -18,7 +18,7 @@ from ..errors import IncompatibleFile
 from .config import NetworkConfig
 from .keys import module_names, normalise_state_dict, split_key
 from .modules import ForwardPatch, LoraModule, MhaAdapter, cast_together, linear_patch
-from .targets import MHA_PARTS, Target
+from .targets import MHA_PARTS, Target, name_aliases
 
 _PART_OF = {name: part for name, part in (("self_attn_q_proj", "q"), ("self_attn_k_proj", "k"),
                                           ("self_attn_v_proj", "v"), ("self_attn_out_proj", "out"))}
@@ -206,8 +206,9 @@ class LoraNetwork(nn.Module):
 
         Raises IncompatibleFile naming the file's modules this network does not have, or mismatched shapes.
         Modules of the network that the file lacks keep their values (a partial LoRA is fine)."""
-        tensors = normalise_state_dict(state_dict)
         own = dict(self.named_children())
+        aliases = name_aliases((lora.lora_name, lora.target) for lora in self.loras())
+        tensors = _own_spelling(normalise_state_dict(state_dict), set(own), aliases)
         unmatched = [name for name in module_names(tensors) if name not in own]
         if unmatched:
             raise IncompatibleFile(_unmatched_message(unmatched, len(module_names(tensors))))
@@ -249,10 +250,10 @@ class LoraNetwork(nn.Module):
 
         `targets` must cover the file: pass LoCon targets (a config with conv_dim) to load LoCon files. Raises
         IncompatibleFile listing the file's modules that match no target (e.g. a LoRA for another architecture)."""
-        tensors = normalise_state_dict(state_dict)
-        names = module_names(tensors)
         targets = list(targets)
         known = {name for name, _ in targets}
+        tensors = _own_spelling(normalise_state_dict(state_dict), known, name_aliases(targets))
+        names = module_names(tensors)
         unmatched = [name for name in names if name not in known]
         if unmatched:
             raise IncompatibleFile(_unmatched_message(unmatched, len(names)))
@@ -264,6 +265,25 @@ class LoraNetwork(nn.Module):
         net = cls(targets, NetworkConfig(), multiplier=multiplier, dtype=dtype, ranks=ranks, mha_before=mha_before)
         net.load_kohya(tensors)
         return net.eval()
+
+
+def _own_spelling(tensors: dict[str, torch.Tensor], known: set[str], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """UNet modules named in the other spelling (diffusers names in an SDXL file, ldm names in an SD1/SD2 file) under
+    the names of this network's modules, as the webui reads such files. Only when that makes every module of the
+    file match: a file for another architecture keeps its own names, so the error lists them as they are."""
+    if not aliases:
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        module, part = split_key(key)
+        if module not in known and module in aliases:
+            module = aliases[module]
+            if f"{module}.{part}" in tensors:
+                raise IncompatibleFile(f"module {module} is in the file twice (also as {split_key(key)[0]})")
+        elif module not in known:
+            return tensors
+        out[f"{module}.{part}"] = value
+    return out
 
 
 def _squeezable(a: torch.Size, b: torch.Size) -> bool:

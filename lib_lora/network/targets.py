@@ -20,6 +20,7 @@ must be applied to the MHA as one unit); the name's suffix says which part.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Iterable, Mapping
 
 from torch import nn
@@ -50,6 +51,11 @@ _BLOCK_CLASSES = {
     "ldm": {"attention": {"SpatialTransformer"}, "resnet": {"ResBlock"}, "down": {"Downsample"}, "up": {"Upsample"}},
 }
 _SAMPLER_CHILD = {("diffusers", "down"): "conv", ("diffusers", "up"): "conv", ("ldm", "down"): "op", ("ldm", "up"): "conv"}
+
+# UNet layer -> its kohya name in the other spelling (diffusers paths for SDXL, ldm paths for SD1/SD2). Files from
+# other trainers use it (diffusers' SDXL scripts write `lora_unet_down_blocks_...`); the webui and our merge accept
+# both, so loading into a network does too (`name_aliases`). Weak keys: the registry never keeps a model alive.
+_UNET_ALIASES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 # one CLIP encoder layer: kohya part name -> HF sub-path / OpenCLIP sub-path (None: part of the fused MHA)
 _TEXT_PARTS = (
@@ -84,7 +90,10 @@ def unet_targets(unet: nn.Module, arch: str, cfg: NetworkConfig | None = None) -
             continue
         for child_path, child in _children(block, style, kind):
             path = f"{block_path}.{child_path}"
-            targets.append((_unet_name(path, style, arch, layout), child))
+            name, alias = _unet_names(path, style, arch, layout)
+            targets.append((name, child))
+            if alias is not None:
+                _UNET_ALIASES[child] = alias
     _check_unique(targets)
     if not targets:
         raise BadInput(f"found no LoRA target in the UNet ({type(unet).__name__}): not a Stable Diffusion UNet?")
@@ -134,15 +143,27 @@ def _children(block: nn.Module, style: str, kind: str) -> Iterable[tuple[str, nn
             yield path, child
 
 
-def _unet_name(path: str, style: str, arch: str, layout: UNetLayout) -> str:
+def _unet_names(path: str, style: str, arch: str, layout: UNetLayout) -> tuple[str, str | None]:
+    """(kohya name as sd-scripts writes it for `arch`, the same layer's name in the other spelling or None)."""
     try:
-        if arch == "sdxl":
-            path = diffusers_to_ldm(path, layout) if style == "diffusers" else path
-        else:
-            path = ldm_to_diffusers(path, layout) if style == "ldm" else path
+        ldm = diffusers_to_ldm(path, layout) if style == "diffusers" else path
+        diffusers = ldm_to_diffusers(path, layout) if style == "ldm" else path
     except KeyError as exc:
         raise BadInput(f"UNet layer {path!r} has no kohya name for {arch}: {exc}") from None
-    return "lora_unet_" + path.replace(".", "_")
+    primary, other = (ldm, diffusers) if arch == "sdxl" else (diffusers, ldm)
+    name, alias = "lora_unet_" + primary.replace(".", "_"), "lora_unet_" + other.replace(".", "_")
+    return name, (alias if alias != name else None)
+
+
+def name_aliases(targets: Iterable[Target]) -> dict[str, str]:
+    """`{other spelling: kohya name}` for the UNet targets among `targets` (made by `unet_targets`): the ldm name
+    of an SD1/SD2 layer, the diffusers name of an SDXL layer."""
+    out = {}
+    for name, module in targets:
+        alias = _UNET_ALIASES.get(module)
+        if alias is not None:
+            out[alias] = name
+    return out
 
 
 # ------------------------------------------------------------------------------------------- text encoders

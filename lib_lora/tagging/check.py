@@ -88,8 +88,9 @@ class Finding:
 class Concept:
     folder: str  # relative path ('.' for a flat folder)
     repeats: int | None  # None: no N_ prefix (not trained by sd-scripts-style trainers)
-    images: int = 0
+    images: int = 0  # images training will use: readable ones (the dataset scan leaves the others out)
     captions: int = 0
+    unreadable: int = 0  # image files that cannot be decoded, not in `images` nor in the steps
 
     @property
     def steps(self) -> int:
@@ -118,7 +119,8 @@ class CheckReport:
 
     @property
     def images(self) -> int:
-        return sum(c.images for c in self.concepts)
+        """Image files found, unreadable ones included (each concept's `images` counts only those training uses)."""
+        return sum(c.images + c.unreadable for c in self.concepts)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -140,7 +142,8 @@ class CheckReport:
             "root": str(self.root),
             "layout": self.layout,
             "concepts": [
-                {"folder": c.folder, "repeats": c.repeats, "images": c.images, "captions": c.captions, "steps": c.steps}
+                {"folder": c.folder, "repeats": c.repeats, "images": c.images, "captions": c.captions,
+                 "unreadable": c.unreadable, "steps": c.steps}
                 for c in self.concepts
             ],
             "images": self.images,
@@ -272,6 +275,7 @@ def check_dataset(
     if layout == "flat" and _repeats(root.resolve().name) is None:
         findings.append(Finding("flat_folder", ".", "counted with 1 repeat (the folder name has no N_ prefix)"))
     concepts: list[Concept] = []
+    concept_files: dict[str, tuple[list[Path], set[Path]]] = {}
     images: list[Path] = []
     captions: dict[Path, str] = {}
     for directory, repeats in concept_dirs:
@@ -280,6 +284,7 @@ def check_dataset(
         found, concept_captions = _scan_concept(directory, root, ext, findings)
         concept.images = len(found)
         concept.captions = sum(1 for img in found if img.with_suffix(ext) in concept_captions)
+        concept_files[concept.folder] = (found, set(concept_captions))
         images += found
         captions.update(concept_captions)
         if repeats is None and found:
@@ -291,11 +296,27 @@ def check_dataset(
         _check_activation(concept, found, concept_captions, wanted, root, findings)
     if not images:
         findings.insert(0, Finding("no_images", ".", "looked for .png .jpg .jpeg .webp .bmp"))
-    findings += _check_images(images, root, min_side, max_side, workers)
+    image_findings = _check_images(images, root, min_side, max_side, workers)
+    findings += image_findings
+    _leave_out_unreadable(concepts, concept_files, image_findings, root, ext)
     findings += _check_tokens(captions, root, tokenizer)
     order = {code: i for i, code in enumerate(CHECKS)}
     findings.sort(key=lambda f: (order[f.code], f.path))
     return CheckReport(root, layout, concepts, findings, batch_size, wanted)
+
+
+def _leave_out_unreadable(
+    concepts: list[Concept], concept_files: dict[str, tuple[list[Path], set[Path]]], findings: list[Finding],
+    root: Path, ext: str,
+) -> None:
+    """Count only the images training will use: the dataset scan skips files it cannot decode."""
+    broken = {f.path for f in findings if f.code == "unreadable"}
+    for concept in concepts:
+        found, captions = concept_files.get(concept.folder, ([], set()))
+        usable = [p for p in found if _relative(p, root) not in broken]
+        concept.unreadable = len(found) - len(usable)
+        concept.images = len(usable)
+        concept.captions = sum(1 for img in usable if img.with_suffix(ext) in captions)
 
 
 def _scan_concept(directory: Path, root: Path, ext: str, findings: list[Finding]) -> tuple[list[Path], dict[Path, str]]:

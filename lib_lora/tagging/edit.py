@@ -123,13 +123,15 @@ def edit_tags(folder: str | os.PathLike, edit: TagEdit, caption_extension: str =
     return plan, apply_plan(folder, plan)
 
 
-def undo(folder: str | os.PathLike) -> UndoEntry | None:
-    """Put back the captions of the most recent edit in `folder`; None when there is nothing to undo."""
+def undo(folder: str | os.PathLike, force: bool = False) -> UndoEntry | None:
+    """Put back the captions of the most recent edit in `folder`; None when there is nothing to undo.
+
+    BadInput (nothing restored) when a caption was changed after that edit, unless `force`; see `undo_last`."""
     root = Path(folder)
     if not root.is_dir():
         raise BadInput(f"folder does not exist: {root}")
     try:
-        return undo_last(root)
+        return undo_last(root, force=force)
     except OSError as exc:
         raise BadInput(f"cannot undo in {root}: {exc.strerror or exc}; the undo history is kept") from exc
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
-from ..captions import UndoEntry, caption_path, join_tags, read_caption, split_tags, write_captions
+from ..captions import (
+    UndoEntry, caption_path, join_tags, locked_message, read_caption, read_only_files, split_tags, write_captions,
+)
 from ..errors import BadInput, LoraTrainError
 from ..imagefiles import IMAGE_EXTENSIONS, iter_image_files
 from .tag_ops import dedupe, tag_frequency, tag_key
@@ -52,6 +54,7 @@ class TagPlan:
     images: list[Path]
     to_tag: list[Path]
     skipped: list[Path]  # mode 'skip': the image already has a non-empty caption
+    shared: list[tuple[Path, str]] = field(default_factory=list)  # images that share a caption file: not tagged
 
 
 @dataclass
@@ -96,15 +99,35 @@ def plan_tagging(
         hint = "" if recursive or not any(p.is_dir() for p in root.iterdir()) else "; use --recursive for subfolders"
         raise BadInput(f"no images in {root}{where} (looked for {kinds}){hint}")
     to_tag, skipped = [], []
+    shared = _sharing_a_caption(images, ext)
     for image in images:
         cap = caption_path(image, ext)
         if mode == "skip" and cap.is_file() and read_caption(cap):
             skipped.append(image)
-        else:
+        elif image not in shared:
             to_tag.append(image)
     if to_tag:
         check_writable({root} | {p.parent for p in to_tag})
-    return TagPlan(root, mode, ext, images, to_tag, skipped)
+        locked = read_only_files(caption_path(p, ext) for p in to_tag)
+        if locked:
+            raise BadInput(f"{locked_message(root, locked)}; nothing was tagged or changed")
+    return TagPlan(root, mode, ext, images, to_tag, skipped, sorted(shared.items()))
+
+
+def _sharing_a_caption(images: list[Path], ext: str) -> dict[Path, str]:
+    """Images whose caption file another image also reads (`1.png` + `1.jpg` -> `1.txt`), with the reason. Tagging
+    them would give one of the two the other's tags, so they are listed instead (`check` reports them too)."""
+    by_caption: dict[str, list[Path]] = {}
+    for image in images:
+        by_caption.setdefault(str(caption_path(image, ext)).casefold(), []).append(image)
+    out = {}
+    for group in by_caption.values():
+        if len(group) > 1:
+            names = " and ".join(sorted(p.name for p in group))
+            cap = caption_path(group[0], ext).name
+            for image in group:
+                out[image] = f"{image}: {names} share {cap}; rename one so each image has its own caption"
+    return out
 
 
 def check_writable(folders: Iterable[Path]) -> None:
@@ -238,12 +261,15 @@ def merge_caption(old: str, new_tags: Sequence[str], mode: str) -> str:
     """The caption after tagging. append / prepend keep the old text as written and add only tags it lacks."""
     if mode == "overwrite" or not old:
         return join_tags(list(new_tags))
-    have = {tag_key(t) for t in split_tags(old)}
+    # Training reads the first line only (as sd-scripts does): new tags go there, later lines (notes) stay as they are.
+    first, _, rest = old.replace("\r\n", "\n").partition("\n")
+    have = {tag_key(t) for t in split_tags(first)}
     fresh = [t for t in new_tags if tag_key(t) not in have]
     if not fresh:
         return old
-    old_text = old.strip().strip(",").strip()
-    return f"{old_text}, {join_tags(fresh)}" if mode == "append" else f"{join_tags(fresh)}, {old_text}"
+    old_text = first.strip().strip(",").strip()
+    line = f"{old_text}, {join_tags(fresh)}" if mode == "append" else f"{join_tags(fresh)}, {old_text}"
+    return line.strip(", ") + (f"\n{rest}" if rest else "")
 
 
 def run_plan(
@@ -261,8 +287,9 @@ def run_plan(
     written and `interrupted` is set.
     """
     excluded = {tag_key(t) for t in exclude if t.strip()}
-    result = TagRunResult(plan.folder, len(plan.images), skipped=list(plan.skipped))
+    result = TagRunResult(plan.folder, len(plan.images), skipped=list(plan.skipped), failed=list(plan.shared))
     produced: list[list[str]] = []
+    made: dict[Path, tuple[Path, list[str]]] = {}  # caption file -> (its image, the tags the image got)
     edits: dict[Path, str] = {}
     total = len(plan.to_tag)
     start = time.perf_counter()
@@ -275,14 +302,10 @@ def run_plan(
                 result.tagged.append(path)
                 kept = list(dedupe([t for t in tags or [] if tag_key(t) not in excluded]))
                 produced.append(kept)
-                cap = caption_path(path, plan.caption_extension)
-                old = read_caption(cap) if cap.is_file() else ""
                 if not kept:
                     result.no_tags.append(path)
                 else:
-                    new = merge_caption(old, kept, plan.mode)
-                    if new != old:
-                        edits[cap] = new
+                    made[caption_path(path, plan.caption_extension)] = (path, kept)
             if progress:
                 progress(done, total)
             if should_stop and should_stop():
@@ -293,6 +316,19 @@ def run_plan(
     except BaseException as exc:  # a model failure must not throw away the captions already made
         failure = exc
     result.seconds = time.perf_counter() - start
+    # Merged with the captions as they are now, not as they were when each image was tagged: a caption the user
+    # edited during a long run (in the tab) keeps that edit, and in 'skip' mode one captioned meanwhile is left alone.
+    for cap, (image, kept) in made.items():
+        try:
+            old = read_caption(cap) if cap.is_file() else ""
+        except OSError as exc:  # e.g. its permissions changed meanwhile: the other captions are still written
+            result.failed.append((image, f"cannot read caption {cap}: {exc.strerror or exc}"))
+            continue
+        if plan.mode == "skip" and old:
+            continue
+        new = merge_caption(old, kept, plan.mode)
+        if new != old:
+            edits[cap] = new
     if edits:
         result.undo = write_captions(plan.folder, edits, f"tag {tagger.name} ({plan.mode})")
         result.written = sorted(edits)

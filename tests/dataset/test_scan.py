@@ -132,3 +132,32 @@ def test_bad_settings_reported_together_before_any_folder_is_read(tmp_path):
     assert parse_resolution("768,512") == (768, 512) and parse_resolution(640) == (640, 640)
     with pytest.raises(BadInput):
         parse_resolution("big")
+
+
+def test_16_bit_grayscale_png_keeps_its_brightness(tmp_path):
+    """Scanners and photo tools export 16-bit grey PNGs; PIL's own conversion clips them to white."""
+    root = tmp_path / "train"
+    folder = root / "1_c"
+    folder.mkdir(parents=True)
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)  # black to white, left to right
+    Image.fromarray(ramp).save(folder / "grey16.png")
+    assert Image.open(folder / "grey16.png").mode in ("I;16", "I")  # really a 16-bit file
+    rgb = np.asarray(open_image_rgb(folder / "grey16.png"), dtype=np.float64)
+    expected = np.round(ramp / 257.0)
+    assert np.abs(rgb[..., 0] - expected).max() <= 1 and (rgb[..., 0] == rgb[..., 2]).all()
+    ds = Dataset.build(small_options(root, train_batch_size=1, enable_bucket=False))
+    pixels = ds.load_batch(ds.epoch_batches(1)[0]).pixels.numpy()
+    assert abs(pixels.mean()) < 0.05  # a ramp averages mid-grey (0 in [-1, 1]), not white (+1)
+
+
+def test_decompression_bomb_is_skipped_and_listed_not_a_crash(tmp_path, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError)."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "train"
+    add_image(root / "1_c", "ok.png", size=(32, 32))
+    add_image(root / "1_c", "huge.png", size=(64, 64))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 32 * 32)  # 64x64 is over twice that: a "bomb" here
+    ds = Dataset.build(small_options(root, train_batch_size=1))
+    assert ds.num_train_images == 1
+    assert [(s.path.name, "decompression bomb" in s.reason) for s in ds.skipped] == [("huge.png", True)]

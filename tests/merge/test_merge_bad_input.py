@@ -225,6 +225,30 @@ def test_nan_lora_and_bad_settings(tmp_path, ckpts):
     expect_error(BadInput, "must be a finite number", ckpts["sd1"][0], [(lora, float("inf"))], out)
 
 
+def test_alpha_without_weights_is_ignored_and_reported(tmp_path, ckpts, sd1_lora):
+    """An `.alpha` with no down / up beside it changes nothing (sd-scripts ignores it): merged, and said so."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(sd1_lora))
+    state["lora_unet_conv_in.alpha"] = torch.tensor(4.0)
+    lora = tmp_path / "extra-alpha.safetensors"
+    save_file(state, str(lora))
+    report = merge_loras(ckpts["sd1"][0], [(lora, 1.0)], tmp_path / "o.safetensors")
+    plain = merge_loras(ckpts["sd1"][0], [(sd1_lora, 1.0)], tmp_path / "p.safetensors")
+    merged, reference = load_file(str(tmp_path / "o.safetensors")), load_file(str(tmp_path / "p.safetensors"))
+    assert merged.keys() == reference.keys() and all(torch.equal(merged[k], reference[k]) for k in reference)
+    assert report.tensors_changed == plain.tensors_changed
+    assert report.loras[0].ignored_keys == ["lora_unet_conv_in.alpha"]
+    assert "1 key ignored (alpha without lora_down / lora_up)" in report.summary()
+
+
+@pytest.mark.parametrize("multiplier", [1e40, -1e39])
+def test_multiplier_beyond_float32_is_a_one_line_error(tmp_path, ckpts, sd1_lora, multiplier):
+    """`--lora a.safetensors:1e40` is finite in Python but not in float32: it ended in a RuntimeError traceback."""
+    expect_error(BadInput, "too large", ckpts["sd1"][0], [(sd1_lora, multiplier)], tmp_path / "o.safetensors")
+    assert only_inputs_left(tmp_path, "good.safetensors")
+
+
 def test_disk_full(tmp_path, ckpts, sd1_lora, monkeypatch):
     import shutil
 
@@ -248,6 +272,19 @@ def test_disk_full(tmp_path, ckpts, sd1_lora, monkeypatch):
     monkeypatch.setattr(safetensors_io.SafetensorsFile, "copy_raw", fill_up)
     expect_error(BadInput, "disk full while writing o.safetensors", ckpts["sd1"][0], [(sd1_lora, 1.0)], out)
     assert only_inputs_left(tmp_path, "good.safetensors")
+
+
+def test_too_little_space_names_sizes_a_user_can_compare(tmp_path, ckpts, sd1_lora, monkeypatch):
+    """Free space above the file's size but below the safety margin: the message must not read 'needs 0.01 GiB,
+    0.01 GiB free' (sizes rounded to GiB, margin unsaid), which looks like enough."""
+    import shutil
+
+    size = merge_loras(ckpts["sd1"][0], [(sd1_lora, 1.0)], tmp_path / "probe.safetensors").bytes_written
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=size + 2**20))
+    message = expect_error(BadInput, "not enough disk space", ckpts["sd1"][0], [(sd1_lora, 1.0)], tmp_path / "o.safetensors")
+    assert f"needs {size / 2**20:.1f} MiB + 16 MiB headroom, {(size + 2**20) / 2**20:.1f} MiB free" in message
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 @pytest.mark.parametrize("case", ["wrong-arch", "missing", "exists", "bad-name"])

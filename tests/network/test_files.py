@@ -139,8 +139,10 @@ def test_model_hash_is_sha256_of_the_data_section(tmp_path, trained):
     assert meta["sshs_model_hash"] == independent == file_model_hash(path)
 
 
-def test_legacy_hash_as_sd_scripts_computes_it(tmp_path):
-    """0x10000 bytes at 0x100000 of a serialisation with only the ss_* metadata (needs a file > 1 MiB)."""
+@pytest.mark.parametrize("with_ss_metadata", [True, False])
+def test_legacy_hash_as_sd_scripts_computes_it(tmp_path, with_ss_metadata):
+    """0x10000 bytes at 0x100000 of a serialisation with only the ss_* metadata (needs a file > 1 MiB). Without
+    any ss_* key sd-scripts still passes a dict (`{}`), so its header holds an empty `__metadata__`."""
     from safetensors.torch import save as serialise
 
     gen = torch.Generator().manual_seed(0)
@@ -149,7 +151,8 @@ def test_legacy_hash_as_sd_scripts_computes_it(tmp_path):
         "lora_unet_x_to_q.lora_up.weight": torch.randn(1024, 256, generator=gen),
         "lora_unet_x_to_q.alpha": torch.tensor(8.0),
     }
-    path = save_lora(tmp_path / "big.safetensors", state, sd1_metadata(), "fp32")
+    metadata = sd1_metadata() if with_ss_metadata else {"modelspec.title": "big"}
+    path = save_lora(tmp_path / "big.safetensors", state, metadata, "fp32")
     tensors, meta = load_lora(path)
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
     buffer = serialise(tensors, metadata=ss_only)
@@ -172,6 +175,21 @@ def test_sidecar_has_exactly_the_webui_keys(tmp_path):
     with pytest.raises(BadInput, match="sd version"):
         write_sidecar(tmp_path / "b.safetensors", "", 1.0, "SD3")
     assert sorted(os.listdir(tmp_path)) == ["mylora-03.json"]
+
+
+def test_sidecar_keeps_what_the_user_added_in_the_webui(tmp_path):
+    """A re-run saves `mylora-03.json` again; the notes and negative text typed into the webui's card for it stay
+    (our four keys are written afresh). A card that is not a JSON object is simply replaced."""
+    card = tmp_path / "mylora-03.json"
+    card.write_text(json.dumps({"description": "old", "activation text": "old", "notes": "best at 0.7, CFG 5",
+                                "negative text": "blurry", "preferred weight": 0.7, "sd version": "SD1"}), "utf-8")
+    write_sidecar(tmp_path / "mylora-03.safetensors", "mychar", 0.0, "sd1")
+    data = json.loads(card.read_text(encoding="utf-8"))
+    assert data == {"activation text": "mychar", "preferred weight": 0.0, "sd version": "SD1", "description": "",
+                    "notes": "best at 0.7, CFG 5", "negative text": "blurry"}
+    card.write_text("[1, 2", "utf-8")
+    write_sidecar(tmp_path / "mylora-03.safetensors", "mychar", 0.0, "sd1")
+    assert json.loads(card.read_text(encoding="utf-8"))["activation text"] == "mychar"
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -208,10 +226,16 @@ def test_full_disk_keeps_the_previous_file(tmp_path, trained, monkeypatch):
     def full(_fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    sidecar = write_sidecar(path, "mychar", 0.8, "sd1")
+    card = sidecar.read_bytes()
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError):
+    with pytest.raises(BadInput, match=r"could not write a\.safetensors: disk full") as err:  # not a raw OSError
         save_lora(path, trained, sd1_metadata(), "fp32")
-    assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.safetensors"]
+    assert "\n" not in str(err.value)
+    with pytest.raises(BadInput, match=r"could not write a\.json: disk full"):
+        write_sidecar(path, "other", 1.0, "sd1")
+    assert path.read_bytes() == before and sidecar.read_bytes() == card
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors"]
 
 
 def _one_line(exc: Exception) -> str:
@@ -276,6 +300,61 @@ def test_foreign_spellings_are_normalised_at_load(sd1_models, trained):
     assert torch.equal(lora.lora_down.weight, trained.lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight)
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_unet_names_in_the_other_spelling_load(arch):
+    """diffusers' SDXL scripts write `lora_unet_down_blocks_...` (sd-scripts: `lora_unet_input_blocks_...`); some SD1
+    files carry ldm names. The webui and our merge read both spellings, so the network loads them too."""
+    from lib_lora.network import unet_layout, unet_targets
+    from lib_lora.network.unet_names import ldm_to_diffusers
+    from tests.fixtures.ldm_models import ldm_unet
+
+    unet = ldm_unet(arch)
+    targets = unet_targets(unet, arch, LOCON)
+    trained = LoraNetwork(targets, LOCON).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lora in trained.loras():
+            lora.lora_up.weight.copy_(torch.randn(lora.lora_up.weight.shape, generator=gen) * 0.1)
+    ldm_path = {id(module): path for path, module in unet.named_modules()}
+    other = {}
+    for name, module in targets:  # sdxl: the diffusers path of the layer; sd1: its ldm path
+        path = ldm_to_diffusers(ldm_path[id(module)], unet_layout(unet)) if arch == "sdxl" else ldm_path[id(module)]
+        other[name] = "lora_unet_" + path.replace(".", "_")
+        assert other[name] != name
+    foreign = {f"{other[m]}.{p}": v for m, p, v in ((*k.split(".", 1), v) for k, v in trained.state_dict().items())}
+
+    loaded = LoraNetwork.from_kohya(targets, foreign)
+    assert loaded.state_dict().keys() == trained.state_dict().keys()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with torch.no_grad():
+        with trained.inject():
+            want = ldm_unet_forward(unet, arch)
+        with loaded.inject():
+            got = ldm_unet_forward(unet, arch)
+    assert torch.equal(want, got)
+    fresh = LoraNetwork(targets, LOCON)
+    fresh.load_kohya(foreign)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.state_dict().items())
+    doubled = {**trained.state_dict(), **foreign}  # one layer under both names: ambiguous, refused
+    with pytest.raises(IncompatibleFile, match="in the file twice"):
+        LoraNetwork.from_kohya(targets, doubled)
+
+
+def test_alpha_without_weights_is_ignored_but_a_lone_down_is_refused(sd1_models, trained):
+    """sd-scripts builds networks from the `lora_down` keys and ignores an `.alpha` that has no weights beside it;
+    such a module changes nothing, so it is no reason to refuse the file. Half a module (down without up) is."""
+    unet, te = sd1_models
+    targets = find_targets(unet, {"lora_te": te}, "sd1", LOCON)
+    state = {**trained.state_dict(), "lora_unet_conv_in.alpha": torch.tensor(4.0),
+             "lora_te_text_model_encoder_layers_9_mlp_fc1.alpha": torch.tensor(4.0)}
+    loaded = LoraNetwork.from_kohya(targets, state)
+    assert loaded.state_dict().keys() == trained.state_dict().keys()
+    del state["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"]
+    with pytest.raises(IncompatibleFile, match="lora_te_text_model_encoder_layers_0_mlp_fc1 has no lora_up.weight"):
+        LoraNetwork.from_kohya(targets, state)
+
+
 def test_other_network_types_are_refused(sd1_models):
     unet, te = sd1_models
     loha = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(32, 4),
@@ -285,6 +364,20 @@ def test_other_network_types_are_refused(sd1_models):
     peft_named = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)}
     with pytest.raises(IncompatibleFile, match="not kohya"):
         LoraNetwork.from_kohya(find_targets(unet, None, "sd1", LOCON), peft_named)
+
+
+@pytest.mark.parametrize("part,value", [("alpha", float("nan")), ("lora_up.weight", float("inf"))])
+def test_non_finite_values_are_refused_naming_the_module(sd1_models, trained, part, value):
+    """A diverged or damaged file would turn every image black; the merge refuses it too."""
+    unet, te = sd1_models
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    key = f"lora_te_text_model_encoder_layers_0_mlp_fc1.{part}"
+    state[key] = torch.full_like(state[key], value) if part == "alpha" else state[key].index_fill(0, torch.tensor([0]), value)
+    with pytest.raises(IncompatibleFile, match="lora_te_text_model_encoder_layers_0_mlp_fc1.*NaN or infinite") as err:
+        LoraNetwork.from_kohya(find_targets(unet, {"lora_te": te}, "sd1", LOCON), state)
+    assert "\n" not in str(err.value)
+    with pytest.raises(IncompatibleFile, match="NaN or infinite"):
+        LoraNetwork(find_targets(unet, {"lora_te": te}, "sd1", LOCON), LOCON).load_kohya(state)
 
 
 def test_conv_1x1_projection_lora_loads_into_linear_projection():

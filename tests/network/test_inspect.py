@@ -109,3 +109,30 @@ def test_bad_files_get_a_one_line_error(tmp_path, capsys, content, reason):
     code, out, err = run_cli(capsys, path)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and reason in err
+
+
+def test_a_broken_alpha_is_flagged_and_json_stays_standard(tmp_path, capsys):
+    """`--json` is for machines: NaN is not JSON (jq and strict parsers reject it); the text names the module."""
+    path = tmp_path / "diverged.safetensors"
+    save_file({
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(float("nan")),
+        "lora_te_text_model_encoder_layers_0_mlp_fc2.lora_down.weight": torch.zeros(4, 3072),
+        "lora_te_text_model_encoder_layers_0_mlp_fc2.lora_up.weight": torch.zeros(768, 4),
+        "lora_te_text_model_encoder_layers_0_mlp_fc2.alpha": torch.tensor(2.0),
+    }, str(path))
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    code, out, _ = run_cli(capsys, path, "--json")
+    info = json.loads(out, parse_constant=strict)
+    assert code == 0
+    assert info["per_module"]["lora_te_text_model_encoder_layers_0_mlp_fc1"]["alpha"] == "nan"
+    assert any("lora_te_text_model_encoder_layers_0_mlp_fc1" in p and "not a finite number" in p
+               for p in info["problems"])
+    code, out, _ = run_cli(capsys, path)
+    lines = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+    assert code == 0 and "lora_te_text_model_encoder_layers_0_mlp_fc1" in lines["problems"]
+    assert lines["dim / alpha"] == "linear 4 / varies (2, nan)"

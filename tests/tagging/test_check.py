@@ -142,12 +142,15 @@ def test_severities_steps_and_concepts(report):
     assert report.layout == "concepts"
     assert (report.errors, report.warnings, report.count("info")) == (4, 24, 1)
     concepts = {c.folder: (c.repeats, c.images) for c in report.concepts}
-    assert concepts == {"0_zero": (0, 1), "10_char": (10, 22), "5_empty": (5, 0), "misc": (None, 1)}
-    assert report.steps_per_epoch == 220
+    # 22 image files in 10_char, 3 of them unreadable: training leaves those out, so the steps do too
+    assert concepts == {"0_zero": (0, 1), "10_char": (10, 19), "5_empty": (5, 0), "misc": (None, 1)}
+    assert {c.folder: c.unreadable for c in report.concepts}["10_char"] == 3
+    assert report.steps_per_epoch == 190 and report.images == 19 + 3 + 1 + 1  # files found, broken ones included
     assert {f.severity for f in report.findings if f.code == "unreadable"} == {"error"}
     assert {f.code for f in report.findings if f.severity == "error"} == {"unreadable", "same_stem"}
     as_json = json.loads(json.dumps(report.to_dict()))
-    assert as_json["steps_per_epoch"] == 220 and as_json["errors"] == 4
+    assert as_json["steps_per_epoch"] == 190 and as_json["errors"] == 4
+    assert {c["folder"]: c["unreadable"] for c in as_json["concepts"]}["10_char"] == 3
     assert set(as_json["checks"]) == set(CHECKS)
 
 

@@ -63,10 +63,12 @@ def test_check_report_exit_codes_and_json(dataset, capsys):
     assert "ERROR: images that share one caption file (1)\n  10_mychar/001.jpg: 001.jpg + 001.png -> 001.txt" in out
     assert out.count("\n  fix: ") == out.count("ERROR: ") + out.count("WARNING: ") + out.count("INFO: ")
     assert "2 error(s)" in out and "not ready to train" in out
+    # the broken file is not trained, so it is not in the steps either (3 readable images x 10)
+    assert "3 images x  10 repeats =     30 steps   (3 captioned; 1 unreadable not counted)" in out
 
     code, out, _ = run_cli(capsys, "check", dataset, "--min-side", "32", "--json")
     data = json.loads(out)
-    assert code == 1 and data["errors"] == 2 and data["steps_per_epoch"] == 46
+    assert code == 1 and data["errors"] == 2 and data["steps_per_epoch"] == 36
     assert data["checks"]["interrupted_move"]["fix"].startswith("run python -m lib_lora dedupe DIR --move")
     assert {"code": "unreadable", "severity": "error", "path": "10_mychar/002.png"}.items() <= data["findings"][0].items()
 
@@ -195,6 +197,8 @@ def test_tags_freq_and_search(dataset, capsys):
         (["--freq", "--sort"], "one action at a time"),
         (["--replace", "a"], "--replace takes"),
         (["--prune", " , "], "--prune needs"),
+        (["--freq", "--force"], "--force goes with --undo only"),
+        (["--sort", "--force"], "--force goes with --undo only"),
     ],
 )
 def test_tags_usage_errors(dataset, capsys, argv, message):
@@ -246,3 +250,30 @@ def test_python_dash_m_entry_points(dataset, offline_tokenizer_cache):
     check = run("check", dataset, "--json", "--min-side", "32", "--activation", "mychar")
     assert check.returncode == 0 and json.loads(check.stdout)["steps_per_epoch"] == 36
     assert check.stderr == ""  # no tokenizer warnings about long sequences either
+
+
+def test_tags_undo_refuses_to_revert_a_hand_edit_until_forced(dataset, capsys):
+    before = texts(dataset)
+    assert run_cli(capsys, "tags", dataset, "--prune", "shared tag")[0] == 0
+    (dataset / "2_style" / "000.txt").write_text("style, fixed by hand", encoding="utf-8")
+    code, out, err = run_cli(capsys, "tags", dataset, "--undo")
+    assert code == 1 and "2_style/000.txt" in err and "--force" in err and err.count("\n") == 1
+    assert texts(dataset)["2_style/000.txt"] == b"style, fixed by hand"
+    code, out, _ = run_cli(capsys, "tags", dataset, "--undo", "--force")
+    assert code == 0 and out.startswith("undid 'prune shared tag'") and texts(dataset) == before
+
+
+@pytest.mark.parametrize("command", ["check", "dedupe", "tags"])
+def test_caption_extension_in_both_spellings(dataset, capsys, command):
+    """`tag` takes sd-scripts' `--caption_extension`; users type it for the other commands too."""
+    for name in dataset.rglob("*.txt"):
+        name.rename(name.with_suffix(".caption"))
+    extra = ["--freq"] if command == "tags" else []
+    for flag in ("--caption_extension", "--caption-extension"):
+        code, out, err = run_cli(capsys, command, dataset, flag, ".caption", "--min-side", "32", *extra) \
+            if command == "check" else run_cli(capsys, command, dataset, flag, ".caption", *extra)
+        assert code == 0 and "unrecognized" not in err
+        if command == "check":
+            assert "images without a caption" not in out
+        if command == "tags":
+            assert out.startswith("shared tag ")  # read from the .caption files

@@ -170,3 +170,52 @@ def test_interrupt_leaves_each_caption_old_or_new_and_undo_restores(dataset, mon
     assert not list(dataset.rglob(".*.tmp"))
     edits.undo(dataset)
     assert snapshot(dataset) == before
+
+
+def test_undo_after_renaming_a_concept_folder_restores_nothing_and_says_so(dataset):
+    """Renaming 10_mychar to 5_mychar is how users change repeats; undo must not rebuild the old folder."""
+    edits.edit_tags(dataset, TagEdit(activation=("ohwx",)))
+    after = snapshot(dataset)
+    (dataset / "10_mychar").rename(dataset / "5_mychar")
+    with pytest.raises(BadInput, match=r"10_mychar.*(renamed|moved).*nothing was restored"):
+        edits.undo(dataset)
+    assert not (dataset / "10_mychar").exists()  # no ghost concept folder of captions
+    assert snapshot(dataset) == {k.replace("10_mychar", "5_mychar"): v for k, v in after.items()}
+    assert len(edits.history(dataset)) == 1  # kept: renaming the folder back makes the undo work
+    (dataset / "5_mychar").rename(dataset / "10_mychar")
+    assert edits.undo(dataset).label == "activation ohwx"
+    assert not any(b"ohwx" in v for v in snapshot(dataset).values())
+
+
+def test_undo_follows_the_dataset_when_the_whole_folder_moves(dataset, tmp_path):
+    before = snapshot(dataset)
+    edits.edit_tags(dataset, TagEdit(prune=("shared tag",)))
+    moved = dataset.rename(tmp_path / "moved")
+    assert edits.undo(moved) is not None
+    assert snapshot(moved) == before
+
+
+def test_undo_keeps_captions_edited_after_the_batch_unless_forced(dataset):
+    """A caption fixed by hand (another editor, the webui's tag editor) after a batch is not silently reverted."""
+    before = snapshot(dataset)
+    edits.edit_tags(dataset, TagEdit(prune=("shared tag",)))
+    hand = dataset / "3_style" / "001.txt"
+    hand.write_text("style, tag1, fixed by hand", encoding="utf-8")
+    after = snapshot(dataset)
+    with pytest.raises(BadInput, match=r"changed after.*3_style/001\.txt.*nothing was restored.*--force"):
+        edits.undo(dataset)
+    assert snapshot(dataset) == after and len(edits.history(dataset)) == 1
+    assert edits.undo(dataset, force=True) is not None
+    assert snapshot(dataset) == before
+
+
+def test_read_only_caption_file_stops_the_edit_and_changes_nothing(dataset):
+    before = snapshot(dataset)
+    locked = dataset / "3_style" / "001.txt"
+    locked.chmod(0o444)
+    with pytest.raises(BadInput, match=r"read-only.*3_style/001\.txt.*no caption was changed"):
+        edits.edit_tags(dataset, TagEdit(activation=("ohwx",)))
+    assert snapshot(dataset) == before and not edits.history(dataset)
+    assert edits.edit_tags(dataset, TagEdit(prune=("nothing here",)))[1] is None  # unchanged files: no error
+    locked.chmod(0o644)
+    assert edits.edit_tags(dataset, TagEdit(activation=("ohwx",)))[1] is not None

@@ -267,7 +267,7 @@ def test_cli_tags_a_folder_and_prints_frequency(wd14_dir, tmp_path, capsys):
     assert code == 0
     assert read_caption(folder / "red.txt").startswith("hatsune miku, red theme, 1girl")
     assert "tag frequency (" in out and "  1girl" in out and "solo " not in out
-    assert "broken.jpg" in err and "could not be read" in err
+    assert "1 images were not tagged:" in err and f"cannot read image {folder / 'broken.jpg'}" in err
     assert f"python -m lib_lora tags {folder} --undo" in out
     assert main(["tags", str(folder), "--undo"]) == 0  # the hint works: the whole run is taken back
     assert not (folder / "red.txt").exists() and not (folder / "blue.txt").exists()
@@ -296,3 +296,69 @@ def test_bench_tag_runs_on_the_tiny_model(capsys):
     assert "simulated GPU wait of 1 ms per batch" in report["provider"]
     assert runs["one at a time (decode, then model, per image)"]["speedup"] == 1.0
     assert all(row["images_per_s"] > 0 for row in report["results"]) and len(runs) == 8
+
+
+def test_read_only_caption_file_is_refused_before_tagging(tagger, tmp_path):
+    """A caption made read-only is one the user locked: it is never replaced (on Windows a replace fails; on
+    Linux a rename would silently go over it), and the run says so before the model spends any time."""
+    folder = make_folder(tmp_path / "d", names=("red", "blue"))
+    locked = folder / "red.txt"
+    locked.write_text("hand-written, keep", encoding="utf-8")
+    locked.chmod(0o444)
+    with pytest.raises(BadInput, match=r"read-only.*red\.txt.*nothing was tagged or changed"):
+        tag_folder(folder, tagger, mode="overwrite")
+    assert locked.read_text(encoding="utf-8") == "hand-written, keep" and not (folder / "blue.txt").exists()
+    result = tag_folder(folder, tagger, mode="skip")  # the locked caption is not touched: fine
+    assert [p.name for p in result.written] == ["blue.txt"]
+
+
+def test_images_sharing_one_caption_file_are_listed_not_tagged(tagger, tmp_path, capsys, wd14_dir):
+    """red.png and red.jpg both read red.txt: tagging both would leave one image with the other's tags."""
+    folder = make_folder(tmp_path / "d", names=("red", "blue"))
+    Image.new("RGB", (48, 48), COLORS["green"]).save(folder / "red.jpg")
+    result = tag_folder(folder, tagger, mode="overwrite")
+    assert [p.name for p in result.tagged] == ["blue.png"] and not (folder / "red.txt").exists()
+    assert sorted(p.name for p, _ in result.failed) == ["red.jpg", "red.png"]
+    assert all("red.txt" in msg and "rename" in msg for _, msg in result.failed)
+    assert main(["tag", str(folder), "--model_dir", str(wd14_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "2 images were not tagged" in err and "red.jpg and red.png share red.txt" in err
+
+
+def test_append_to_a_caption_on_several_lines_goes_on_the_first_line(tagger, tmp_path):
+    """Training reads the first line only (as sd-scripts does): tags appended after a note on line 2 were lost."""
+    assert merge_caption("a, b\nnote: from set 2", ["c"], "append") == "a, b, c\nnote: from set 2"
+    assert merge_caption("a, b\r\nnote", ["c", "a"], "append") == "a, b, c\nnote"
+    assert merge_caption("a, b\nnote", ["c"], "prepend") == "c, a, b\nnote"
+    folder = make_folder(tmp_path / "d", names=("red",))
+    (folder / "red.txt").write_text("my trigger\nshot on 2024-01-01", encoding="utf-8")
+    tag_folder(folder, tagger, mode="append")
+    first, second = (folder / "red.txt").read_text(encoding="utf-8").splitlines()
+    assert first.startswith("my trigger, hatsune_miku, red_theme") and second == "shot on 2024-01-01"
+
+
+def test_a_caption_edited_during_the_run_keeps_the_edit(tagger, tmp_path):
+    """A long run in the tab while the user fixes a caption by hand: the run's write must build on that edit."""
+    folder = make_folder(tmp_path / "d", names=("blue", "green", "red"))  # tagged in this order
+    (folder / "blue.txt").write_text("old text", encoding="utf-8")
+
+    def hand_edit(done, total):
+        if done == 2:  # blue and green are tagged (not yet written); the user now edits both captions by hand
+            (folder / "blue.txt").write_text("fixed by hand", encoding="utf-8")
+            (folder / "green.txt").write_text("green by hand", encoding="utf-8")
+
+    tag_folder(folder, tagger, mode="append", batch_size=1, workers=0, progress=hand_edit)
+    assert read_caption(folder / "blue.txt").startswith("fixed by hand, hatsune_miku")
+    assert read_caption(folder / "green.txt").startswith("green by hand, hatsune_miku")
+    undo_last(folder)
+    assert read_caption(folder / "blue.txt") == "fixed by hand" and read_caption(folder / "green.txt") == "green by hand"
+    for name in ("blue.txt", "green.txt"):
+        (folder / name).unlink()
+
+    def caption_blue(done, total):
+        if done == 2:
+            (folder / "blue.txt").write_text("blue by hand", encoding="utf-8")
+
+    result = tag_folder(folder, tagger, mode="skip", batch_size=1, workers=0, progress=caption_blue)
+    assert read_caption(folder / "blue.txt") == "blue by hand"  # skip: captioned meanwhile, so left alone
+    assert sorted(p.name for p in result.written) == ["green.txt", "red.txt"]
