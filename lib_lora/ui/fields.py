@@ -166,6 +166,19 @@ def to_config_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_ranges(cfg) -> None:
+    """The tab's ranges applied to a TrainConfig that did not come from the widgets (an API job's config), so the
+    API refuses what the tab refuses; BadInput names the first field out of range (unset values are left alone)."""
+    for f in FIELDS:
+        if f.widget not in ("int", "number") or f.name in PSEUDO or (f.minimum is None and f.maximum is None):
+            continue
+        value = getattr(cfg, f.name, None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if f.minimum is not None and value < f.minimum or f.maximum is not None and value > f.maximum:
+            raise BadInput(f"{f.label} ({f.name}) must be between {f.minimum:g} and {f.maximum:g}, not {value:g}")
+
+
 def from_config(cfg) -> dict[str, Any]:
     """A TrainConfig -> widget values by field name (the inverse of `to_config_values` for the tab's fields)."""
     values: dict[str, Any] = {}

@@ -160,7 +160,12 @@ def import_folder(project: Project, source: str | Path, concept_folder: str | No
 
     Existing files are never overwritten: a name clash gets a numeric suffix. Source files are left alone.
     """
-    src = Path(str(source).strip()).expanduser()
+    text = str(source or "").strip()
+    if not text:
+        raise BadInput("enter the folder to import (its full path)")
+    src = Path(text).expanduser()
+    if not src.is_absolute():  # it would be read from the server's working folder (the webui's own files)
+        raise BadInput(f"enter the full path of the folder to import, not {text!r}")
     if not src.is_dir():
         raise BadInput(f"folder to import does not exist: {src}")
     concepts = project.concepts()

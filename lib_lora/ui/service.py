@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..errors import BadInput
 from . import fields, projects
-from .jobs import FINISHED, Job, JobQueue
+from .jobs import FINISHED, RUNNING, Job, JobQueue
 
 
 def describe_problem(problem) -> str:
@@ -82,6 +82,7 @@ class TrainService:
         fixed = self.fixed(project)
         if config is not None:
             cfg = dataclasses.replace(config, **{k: v for k, v in fixed.items()})
+            fields.check_ranges(cfg)  # the widgets' values were checked on their way in; a config was not
         else:
             cfg = fields.build_config(values or {}, fixed)
         problems = validate(cfg, need_model_path=False)
@@ -110,6 +111,15 @@ class TrainService:
         job = Job(project=project.name, config=cfg, meta=dict(project.meta.__dict__),
                   warnings=warnings)
         return self.queue.submit(job)
+
+    def check_idle_for(self, what: str) -> None:
+        """A generation-like job (the comparison grid) waits for the webui's queue lock, which a running training
+        holds until its last epoch: refuse it with what to do instead of a spinner for the rest of the run. A run
+        that is paused (or pausing) has handed the model back, so the job can go ahead."""
+        job = self.queue.current()
+        if job is not None and job.status == RUNNING and not job.control.paused:
+            raise BadInput(f"a training is in progress ({job.project}, {job.id}): {what} would wait until it ends; "
+                           "Pause it in the Train sub-tab (or wait for it), then try again")
 
     def steps_line(self, project_name: str | None, values: Mapping[str, Any]) -> tuple[str, int, str]:
         """('11 images x 5 repeats = 55 per epoch / batch 2 = 28 steps per epoch x 3 epochs = 84 steps', 55, lhs)

@@ -16,7 +16,15 @@ def concept_rows(project) -> list[list]:
     return [[c.folder.name, c.repeats, c.images] for c in project.concepts()] or [["", 0, 0]]
 
 
-def gallery_items(project, limit: int = 200) -> list[tuple[str, str]]:
+GALLERY_LIMIT = 200  # a gallery of thousands of full-size images would stall the browser
+
+
+def gallery_label(project, limit: int = GALLERY_LIMIT) -> str:
+    n = len(project.images())
+    return f"Images and captions (the first {limit} of {n})" if n > limit else f"Images and captions ({n})"
+
+
+def gallery_items(project, limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
     items = []
     for image in project.images()[:limit]:
         cap = caption_path(image)
@@ -128,7 +136,8 @@ def build(ctx) -> None:
 
     def refresh(project_name):
         project = ctx.project(project_name)
-        return {concepts: concept_rows(project), gallery: gallery_items(project)}
+        return {concepts: concept_rows(project),
+                gallery: gr.update(value=gallery_items(project), label=gallery_label(project))}
 
     ctx.on_project_change(refresh, [concepts, gallery])
 

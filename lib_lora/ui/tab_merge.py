@@ -62,6 +62,7 @@ def build(ctx) -> None:
             raise BadInput(f"{missing[0]} is not in the Lora folder any more: press Refresh lists")
         request = MergeRequest(checkpoint, tuple((str(known[f]), x) for f, x in zip(loras, w)),
                                check_name(name, "checkpoint name"), precision)
+        ctx.service.check_idle_for("the merge")
         path = host.merge(request)
         return {result: message(f"saved {path}; it is in the checkpoint list now", "ok"), **lists()}
 

@@ -111,8 +111,8 @@ def build(ctx) -> None:
                 undo_btn = gr.Button("Undo last edit", elem_id="lora_train_undo")
                 hist = gr.Textbox(label="Edit history (newest first)", lines=3, interactive=False,
                                   elem_id="lora_train_tag_history")
-    gr.Markdown("Per-image captions: click an image, edit, then Save (Ctrl+S). Alt+Left / Alt+Right move between "
-                "images. Every edit is saved at once and can be undone.")
+    gr.Markdown("Per-image captions: click an image and edit its caption; it is saved when you leave the box (or "
+                "with Save / Ctrl+S). Alt+Left / Alt+Right move between images. Every edit can be undone.")
     with gr.Row(elem_id="lora_train_caption_editor"):
         thumbs = gr.Gallery(label="Images", columns=5, height=360, elem_id="lora_train_tag_gallery")
         with gr.Column():
@@ -148,6 +148,7 @@ def build(ctx) -> None:
 
     def do_tag(project_name, tagger, threshold, mode, model_dir, image_path, progress=None):
         project = ctx.project(project_name)
+        ctx.service.check_idle_for("tagging")
         report = (lambda done, total: progress((done, total), desc="tagging")) if progress is not None else None
         result = run_tagger(project, tagger, threshold, mode, ctx.host, report, model_dir)
         return {**texts(project_name, image_path), ctx.msg: message(result, "ok")}
@@ -231,7 +232,29 @@ def build(ctx) -> None:
 
         image = project_image(project, image_path)
         changed = tagops.save_caption(project.dataset, image, caption)
-        return {**texts(project_name, image_path), ctx.msg: message(f"saved {image.name}" if changed else "no change", "ok")}
+        # a click on Save first leaves the caption box, which saved the edit already (do_keep)
+        text = f"saved {image.name}" if changed else f"{image.name}: caption already saved"
+        return {**texts(project_name, image_path), ctx.msg: message(text, "ok")}
 
     on(save_btn.click, do_save, {"project_name": ctx.selector, "image_path": image_path, "caption": caption},
        text_outs, error_output=ctx.msg)
+
+    def do_keep(project_name, image_path, caption):
+        """Leaving the caption box (another image, Alt+Right, another sub-tab) saves a changed caption, so an edit
+        is never lost for want of a Save. The open caption is not an output: this answer may arrive after the
+        next image was opened, and must not put this image's text into that image's box."""
+        if not project_name or not image_path:
+            return {}
+        from .projects import project_image
+
+        project = ctx.project(project_name)
+        image = project_image(project, image_path)
+        cap = caption_path(image)
+        if (read_caption(cap) if cap.is_file() else "").strip() == (caption or "").strip():
+            return {}
+        if not tagops.save_caption(project.dataset, image, caption or ""):
+            return {}
+        return {**texts(project_name), ctx.msg: message(f"saved {image.name}", "ok")}
+
+    on(caption.blur, do_keep, {"project_name": ctx.selector, "image_path": image_path, "caption": caption},
+       [freq, activation, hist, ctx.msg], error_output=ctx.msg, show_progress="hidden")

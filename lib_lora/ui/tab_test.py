@@ -122,6 +122,7 @@ def build(ctx) -> None:
             height=int(number("Height", height, 64, 2048)),
         )
         del project
+        ctx.service.check_idle_for("the comparison grid")
         result = ctx.host.run_grid(request)
         return {grid: result.image, infotext: result.infotext,
                 ctx.msg: message("grid ready" + (f" ({'; '.join(result.notes)})" if result.notes else ""), "ok")}

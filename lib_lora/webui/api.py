@@ -97,7 +97,11 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
         from ..ui.tab_tags import run_tagger
 
         project = service.project(name)
-        result = run_tagger(project, str(body.get("tagger", "wd14")), float(body.get("threshold", 0.35)),
+        from ..ui.tab_test import number
+
+        threshold = number("threshold", body.get("threshold", 0.35), 0.0, 1.0)
+        service.check_idle_for("tagging")
+        result = run_tagger(project, str(body.get("tagger", "wd14")), threshold,
                             str(body.get("mode", "append")), host, model_dir=str(body.get("model_dir") or ""))
         return {"project": name, "result": result}
 
@@ -153,20 +157,34 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
     def grid(body: dict = Body(...)):
         """{"project", "epochs": ["name-01", ...] (default: all), "weights": [0.5, 1], "prompt", "seed", ...}"""
         from ..ui.host import GridRequest
-        from ..ui.tab_test import epoch_files
+        from ..ui.tab_test import epoch_files, number, parse_weights
 
         name = str(body.get("project", ""))
         project = service.project(name)
-        stems = body.get("epochs") or [p.stem for p in epoch_files(host.lora_output_dir(name), name)]
+        known = [p.stem for p in epoch_files(host.lora_output_dir(name), name)]
+        stems = body.get("epochs") or known
         if not stems:
             raise BadInput(f"project {name!r} has no epoch files yet")
+        if not isinstance(stems, list):
+            raise BadInput(f'epochs must be a list of epoch names, like ["{name}-01", "{name}-02"]')
+        # the webui skips a <lora:...> it cannot find, so an unknown epoch would give a grid of the bare model
+        missing = [str(s) for s in stems if str(s) not in known]
+        if missing:
+            raise BadInput(f"epoch {missing[0]!r} not found in project {name!r} (its epochs: {', '.join(known) or 'none yet'})")
+        weights = body.get("weights", [])
+        if not isinstance(weights, list):
+            raise BadInput("weights must be a list of numbers, like [0.5, 1]")
         request = GridRequest(
-            lora_stems=tuple(str(s) for s in stems), weights=tuple(float(w) for w in body.get("weights", [])),
+            lora_stems=tuple(str(s) for s in stems), weights=parse_weights(", ".join(str(w) for w in weights)),
             prompt=str(body.get("prompt") or project.meta.activation_tag), negative_prompt=str(body.get("negative_prompt", "")),
-            seed=int(body.get("seed", 1)), steps=int(body.get("steps", 20)), cfg_scale=float(body.get("cfg_scale", 7.0)),
-            width=int(body.get("width", 512)), height=int(body.get("height", 512)),
+            seed=int(number("Seed", body.get("seed", 1), -1, 2**32 - 1)),
+            steps=int(number("Steps", body.get("steps", 20), 1, 150)),
+            cfg_scale=number("CFG scale", body.get("cfg_scale", 7.0), 1, 30),
+            width=int(number("Width", body.get("width", 512), 64, 2048)),
+            height=int(number("Height", body.get("height", 512), 64, 2048)),
             sampler=str(body.get("sampler", "Euler a")),
         )
+        service.check_idle_for("the comparison grid")
         result = host.run_grid(request)
         buf = io.BytesIO()
         result.image.save(buf, format="PNG")
@@ -178,15 +196,21 @@ def add_routes(app, service, api_auth: str | None = None) -> None:
 
         known = {str(p) for p in host.lora_files()}
         by_stem = {Path(p).stem: p for p in known}
+        from ..ui.tab_test import number
+
         loras = []
-        for item in body.get("loras") or []:
+        items = body.get("loras") or []
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise BadInput('loras must be a list like [{"name": "mychar-08", "weight": 0.8}]')
+        for item in items:
             ref = str(item.get("path") or item.get("name") or "")
             path = ref if ref in known else by_stem.get(ref)
             if path is None:
                 raise BadInput(f"LoRA {ref!r} not found in the Lora folder")
-            loras.append((path, float(item.get("weight", 1.0))))
+            loras.append((path, number(f"weight of {ref}", item.get("weight", 1.0), -4.0, 4.0)))
         if not loras:
             raise BadInput("name at least one LoRA")
+        service.check_idle_for("the merge")
         out = host.merge(MergeRequest(str(body.get("checkpoint", "")), tuple(loras), str(body.get("name", "")),
                                       str(body.get("save_precision", "fp16"))))
         return {"path": str(out)}

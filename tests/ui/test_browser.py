@@ -134,6 +134,28 @@ def test_edit_a_caption_and_save_it_with_ctrl_s(page, app):
     assert saved.read_text().strip() == "sks, red, smiling"
 
 
+def test_an_edited_caption_is_kept_when_another_image_is_opened(page, app):
+    """Seen in the webui: a caption typed without Save was lost on Alt+Right or a click on the next image."""
+    open_tab(page, "Tags")
+    page.locator("#lora_train_tag_gallery .thumbnail-item").nth(1).click()
+    page.wait_for_function("() => document.querySelector('#lora_train_caption_file textarea, "
+                           "#lora_train_caption_file input').value.endsWith('001.png')")
+    caption = page.locator("#lora_train_caption textarea")
+    page.wait_for_function("() => document.querySelector('#lora_train_caption textarea').value === 'sks, blue'")
+    caption.fill("sks, blue, hat")
+    caption.press("Alt+ArrowRight")
+    page.wait_for_function("() => document.querySelector('#lora_train_caption_file textarea, "
+                           "#lora_train_caption_file input').value.endsWith('002.png')")
+    wait_msg(page, "saved 001.png")
+    saved = app["base"] / "projects" / "sks" / "dataset" / "10_sks" / "001.txt"
+    assert saved.read_text().strip() == "sks, blue, hat"
+    time.sleep(1)  # the save's answer must not put 001's caption into the box now showing 002
+    assert caption.input_value() == "sks, red"
+    page.click("#lora_train_undo")
+    wait_msg(page, "undid 'edit 001.png'")
+    assert saved.read_text().strip() == "sks, blue"
+
+
 def test_short_training_shows_the_loss_plot_and_writes_epochs(page, app):
     if not engine_ready():
         pytest.skip("the training engine (lib_lora.train.loop, DiffusersBackend) is not on this branch yet")

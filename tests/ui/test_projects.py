@@ -53,6 +53,17 @@ def test_import_of_a_folder_without_images_says_so(tmp_path):
         projects.import_folder(project, tmp_path / "missing")
 
 
+def test_import_with_an_empty_or_relative_folder_imports_nothing(tmp_path, monkeypatch):
+    """An empty box was read as the webui's working folder and copied its screenshot.png into the dataset."""
+    project = projects.create_project(tmp_path, "p")
+    make_images(tmp_path / "cwd", 2)
+    monkeypatch.chdir(tmp_path / "cwd")
+    for source in ("", "   ", ".", "cwd"):
+        with pytest.raises(BadInput, match="folder to import"):
+            projects.import_folder(project, source)
+    assert project.images() == []
+
+
 def test_set_repeats_renames_the_concept_folder(tmp_path):
     project = projects.create_project(tmp_path, "p", repeats=10)
     target = projects.set_repeats(project, "10_p", 4)

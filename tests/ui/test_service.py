@@ -137,3 +137,20 @@ def test_steps_line_leaves_out_broken_images_as_the_run_does(service, monkeypatc
 
     Image.new("RGB", (64, 64), (9, 9, 9)).save(project.dataset / "5_p" / "broken.png", format="PNG")  # repaired
     assert service.steps_line("p", values)[0].endswith("= 84 steps") and decoded == ["broken.png"]
+
+
+def test_a_config_from_the_api_gets_the_same_ranges_as_the_tab(service):
+    """POST /jobs with network_dim 5000 was queued and ran at 0.02 it/s, where the tab refuses the same value."""
+    import dataclasses
+
+    root = service.root()
+    projects.create_project(root, "p")
+    make_images(root / "p" / "dataset" / "10_p", 2)
+    base = fields.build_config(fields.defaults(), service.fixed(service.project("p")))
+    for key, value, label in (("network_dim", 5000, "Network rank"), ("max_train_epochs", 100000, "Epochs"),
+                              ("train_batch_size", 0, "Batch size")):
+        with pytest.raises(BadInput, match=rf"{label}.*between .* not {value}"):
+            service.start("p", config=dataclasses.replace(base, **{key: value}))
+    assert service.queue.jobs() == []
+    assert service.start("p", config=dataclasses.replace(base, network_dim=32, max_train_epochs=None,
+                                                         max_train_steps=50)).config.network_dim == 32

@@ -70,3 +70,13 @@ def test_grid_numbers_are_checked_with_their_name():
         number("Steps", 0, 1, 150)
     with pytest.raises(BadInput, match="Width: 'x' is not a number"):
         number("Width", "x", 64, 2048)
+
+
+def test_the_dataset_gallery_says_when_it_shows_only_some_images(tmp_path):
+    """It showed the first 200 images under a plain label: with 300 imported, 100 looked missing."""
+    from lib_lora.ui.tab_dataset import gallery_label
+
+    project = projects.create_project(tmp_path, "p")
+    make_images(project.dataset / "10_p", 5, size=16)
+    assert gallery_label(project, limit=3) == "Images and captions (the first 3 of 5)"
+    assert gallery_label(project, limit=200) == "Images and captions (5)"
