@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, notes: list[str]) -> TrainConfig:
     """sd-scripts' rule: the config file's values, then every option given on the command line on top."""
     from ..train.config_io import coerce, load_config_file
+    from ..train.dataset_config import apply_dataset_config
 
     given = {k: v for k, v in vars(args).items() if k not in ("config_file", "output_config", "command") and not k.startswith("_")}
     base = load_config_file(args.config_file, notes) if getattr(args, "config_file", None) else TrainConfig()
@@ -101,7 +102,8 @@ def config_from_args(args: argparse.Namespace, notes: list[str]) -> TrainConfig:
     if given.pop("use_lion_optimizer", False):
         given.setdefault("optimizer_type", "Lion")
     values = {k: coerce(k, v) for k, v in given.items() if k in field_names()}
-    return dataclasses.replace(base, **values)
+    # sd-scripts' --dataset_config: its values win over the options above; train_data_dir / reg_data_dir are ignored
+    return apply_dataset_config(dataclasses.replace(base, **values), notes)
 
 
 class _Progress:

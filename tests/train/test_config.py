@@ -275,8 +275,8 @@ def test_kohya_ss_preset_import(tmp_path):
     assert cfg.sample_prompts == ("a photo of mychar --w 512 --h 512", "mychar smiling --s 20")
     assert cfg.sample_every_n_epochs is None and cfg.output_name == "mychar"
     assert cfg.state_dir is None and cfg.sample_dir is None  # the GUI has no such keys: sd-scripts' places
-    assert notes and "block_alphas" not in notes[0] and "xformers" not in notes[0]
-    assert "noise_offset_type" not in notes[0]  # "Original" is the offset noise we do
+    # "Original" is the offset noise we do; xformers tunes sd-scripts' own machinery
+    assert all("xformers" not in n and "noise_offset_type" not in n and "block_alphas" not in n for n in notes)
     # and it survives our own TOML
     assert loads_toml(dump_toml(cfg)) == cfg
 

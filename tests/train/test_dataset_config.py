@@ -18,10 +18,10 @@ from tests.fixtures.training import run_training
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
-    """train: 2_mychar (3 images, captions), 1_style (2 images, no captions); reg: 1_person (2 images, no captions)."""
+    """train: 2_mychar (3 images, captions), 3_style (2 images, no captions); reg: 1_person (2 images, no captions)."""
     root = tmp_path_factory.mktemp("dscfg")
     data = make_dataset(root / "img", {"mychar": 2}, per_concept=3)
-    make_dataset(data, {"style": 1}, per_concept=2, captions=False)
+    make_dataset(data, {"style": 3}, per_concept=2, captions=False)
     reg = make_dataset(root / "reg", {"person": 1}, per_concept=2, captions=False)
     return root, data, reg
 
@@ -43,7 +43,8 @@ batch_size = 2
   num_repeats = 2
 
   [[datasets.subsets]]
-  image_dir = '{data / "1_style"}'
+  image_dir = '{data / "3_style"}'
+  num_repeats = 3
   class_tokens = "style"
   {style}
 
@@ -108,8 +109,8 @@ def test_dataset_toml_trains_like_the_equivalent_folders(tmp_path, layout, compo
     a, b = _run(folders, components), _run(from_file, components)
     steps_a = [(e.step, e.loss) for e in a if isinstance(e, StepEnd)]
     steps_b = [(e.step, e.loss) for e in b if isinstance(e, StepEnd)]
-    # 3 x 2 + 2 x 1 = 8 training uses, reg balanced to 8: 16 items at batch 2 = 8 steps
-    assert len(steps_a) == 8 and steps_a == steps_b
+    # 3 x 2 + 2 x 3 = 12 training uses, reg balanced to 12: 24 items at batch 2 = 12 steps
+    assert len(steps_a) == 12 and steps_a == steps_b
     wa = load_file(str(tmp_path / "folders" / "tiny.safetensors"))
     wb = load_file(str(tmp_path / "toml" / "tiny.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -118,7 +119,7 @@ def test_dataset_toml_trains_like_the_equivalent_folders(tmp_path, layout, compo
                 "ss_tag_frequency", "ss_batch_size_per_device"):
         assert ma.get(key) == mb.get(key), key
     assert json.loads(mb["ss_dataset_dirs"]) == {"2_mychar": {"n_repeats": 2, "img_count": 3},
-                                                "1_style": {"n_repeats": 1, "img_count": 2}}
+                                                "3_style": {"n_repeats": 3, "img_count": 2}}
 
 
 def test_cli_dry_run_shows_concepts_repeats_buckets_and_says_what_it_ignored(tmp_path, layout, sd1_diffusers_dir, capsys):
@@ -129,15 +130,16 @@ def test_cli_dry_run_shows_concepts_repeats_buckets_and_says_what_it_ignored(tmp
     code = main(["train", "--pretrained_model_name_or_path", str(sd1_diffusers_dir), "--dataset_config", str(toml),
                  "--train_data_dir", str(tmp_path / "not-there"), "--resolution", "128", "--output_dir", str(out),
                  "--max_train_epochs", "1", "--seed", "1", "--dry_run"])
-    text = capsys.readouterr().out
-    assert code == 0, text
+    captured = capsys.readouterr()
+    text = captured.out
+    assert code == 0, captured.err
     assert "train_data_dir" in text and "ignored" in text  # as sd-scripts: the folders of the file are used
     assert "resolution" in text and "128" in text  # the file's 64 overrides the command line's 128: said
-    assert "steps: 5 images x repeats = 8 + 8 regularization per epoch; batch 2" in text
+    assert "steps: 5 images x repeats = 12 + 12 regularization per epoch; batch 2" in text
     assert "2_mychar: 3 images x 2 repeats = 6" in text
-    assert "1_style: 2 images x 1 repeats = 2; 2 without caption file (caption: 'style')" in text
-    assert "1_person: 2 images (repeats 1, balanced to 8 uses per epoch)" in text
-    assert "bucket 64x64: 8 uses per epoch" in text
+    assert "3_style: 2 images x 3 repeats = 6; 2 without caption file (caption: 'style')" in text
+    assert "1_person: 2 images (repeats 1, balanced to 12 uses per epoch)" in text
+    assert "bucket 64x64: 24 uses per epoch" in text
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -168,7 +170,7 @@ def test_general_datasets_subsets_precedence_and_subset_values(tmp_path, layout)
     assert cfg.flip_aug and cfg.shuffle_caption and cfg.keep_tokens == 2  # datasets over general over command line
     assert cfg.train_data_dir == "" and any("train_data_dir" in n for n in notes)
     subsets = dataset_subsets(cfg)
-    assert [(s.num_repeats, s.class_tokens, s.is_reg) for s in subsets] == [(2, None, False), (1, "style", False),
+    assert [(s.num_repeats, s.class_tokens, s.is_reg) for s in subsets] == [(2, None, False), (3, "style", False),
                                                                           (1, "person", True)]
     assert all(s.caption_extension == ".txt" for s in subsets)
 
@@ -199,7 +201,7 @@ def test_json_dataset_config_reads_the_same(tmp_path, layout):
 
 
 @pytest.mark.parametrize("where, expected", [
-    ("style", r"subset 2 of \[\[datasets\]\] 1 \(image_dir .*1_style.*\) sets flip_aug = True.*subset 1.*False"),
+    ("style", r"subset 2 of \[\[datasets\]\] 1 \(image_dir .*3_style.*\) sets flip_aug = True.*subset 1.*False"),
     ("general", None),  # the same value for every subset: fine
 ])
 def test_a_per_subset_value_we_apply_dataset_wide_is_refused_naming_the_subset(tmp_path, layout, where, expected):
@@ -224,19 +226,19 @@ def test_every_dataset_wide_augmentation_is_checked_per_subset(tmp_path, layout,
 def test_per_subset_caption_extension_repeats_class_tokens_and_reg_are_honoured(tmp_path, layout):
     from lib_lora.train.dataset_config import dataset_subsets
 
-    toml = _write(tmp_path, _toml(layout, style='caption_extension = ".caption"\nnum_repeats = 5'))
+    toml = _write(tmp_path, _toml(layout, style='caption_extension = ".caption"'))
     subsets = dataset_subsets(_apply(TrainConfig(dataset_config=str(toml))))
     assert [s.caption_extension for s in subsets] == [".txt", ".caption", ".txt"]
-    assert [s.num_repeats for s in subsets] == [2, 5, 1]
+    assert [s.num_repeats for s in subsets] == [2, 3, 1]
 
 
 def test_datasets_with_different_resolution_or_batch_size_are_refused(tmp_path, layout):
     _, data, _ = layout
-    second = f"\n[[datasets]]\nresolution = 128\n  [[datasets.subsets]]\n  image_dir = '{data / '1_style'}'\n"
+    second = f"\n[[datasets]]\nresolution = 128\n  [[datasets.subsets]]\n  image_dir = '{data / '3_style'}'\n"
     toml = _write(tmp_path, _toml(layout, extra=second))
     with pytest.raises(BadInput, match=r"\[\[datasets\]\] 2 .*resolution = 128.*\[\[datasets\]\] 1.*64"):
         _apply(TrainConfig(dataset_config=str(toml)))
-    same = f"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = '{data / '1_style'}'\n"
+    same = f"\n[[datasets]]\nresolution = 64\nbatch_size = 2\n  [[datasets.subsets]]\n  image_dir = '{data / '3_style'}'\n"
     notes: list[str] = []
     cfg = _apply(TrainConfig(dataset_config=str(_write(tmp_path, _toml(layout, extra=same), "same.toml"))), notes)
     assert cfg.resolution == "64" and any("[[datasets]]" in n for n in notes)
@@ -283,7 +285,7 @@ def test_validate_and_the_step_preview_use_the_file(tmp_path, layout):
     cfg = TrainConfig(dataset_config=str(toml), output_dir=str(tmp_path / "o"), max_train_epochs=1)
     assert not [p for p in errors_of(validate(cfg, need_model_path=False))]
     plan = plan_from_folders(_apply(cfg))
-    assert (plan.train_images, plan.repeated_images, plan.steps_per_epoch) == (5, 8, 8)
+    assert (plan.train_images, plan.repeated_images, plan.steps_per_epoch) == (5, 12, 12)
     bad = TrainConfig(dataset_config=str(_write(tmp_path, "[general]\nflip_agu = 1\n", "bad.toml")),
                       output_dir=str(tmp_path / "o"))
     fields = {p.field for p in errors_of(validate(bad, need_model_path=False))}
