@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import BadInput
 from .config import TrainConfig
@@ -81,10 +81,13 @@ def read_dataset_config(path: str | Path, base: TrainConfig) -> DatasetConfig:
         raise BadInput(f"dataset_config {path}: {exc}") from None
 
 
-def apply_dataset_config(cfg: TrainConfig, notes: list[str] | None = None) -> TrainConfig:
+def apply_dataset_config(cfg: TrainConfig, notes: list[str] | None = None,
+                         given: Iterable[str] = ()) -> TrainConfig:
     """`cfg` with the dataset config's values for the whole run (resolution, batch size, buckets, augmentation)
     and without train_data_dir / reg_data_dir (ignored, as in sd-scripts); unchanged without a dataset config.
-    Applying it twice changes nothing, so every entry point (CLI, validate, build_dataset, train) may call it."""
+    Applying it twice changes nothing, so every entry point (CLI, validate, build_dataset, train) may call it.
+    A note names each value the file overrides: those in `given` (the options typed on the command line) and any
+    other that differs from the default."""
     if not cfg.dataset_config:
         return cfg
     read = read_dataset_config(cfg.dataset_config, cfg)
@@ -93,12 +96,12 @@ def apply_dataset_config(cfg: TrainConfig, notes: list[str] | None = None) -> Tr
         ignored = [name for name in ("train_data_dir", "reg_data_dir") if getattr(cfg, name)]
         if ignored:
             notes.append(f"ignored because dataset_config is given (as in sd-scripts): {', '.join(ignored)}")
-        default = TrainConfig()
+        default, typed = TrainConfig(), set(given)
         for name, value in read.values.items():
-            given = getattr(cfg, name)
-            if given != value and given != getattr(default, name):
+            old = getattr(cfg, name)
+            if old != value and (name in typed or old != getattr(default, name)):
                 notes.append(f"dataset_config sets {name} = {value!r}; the command line's / config file's "
-                             f"{given!r} is not used (sd-scripts' precedence)")
+                             f"{old!r} is not used (sd-scripts' precedence)")
     return dataclasses.replace(cfg, **read.values, train_data_dir="", reg_data_dir="")
 
 
