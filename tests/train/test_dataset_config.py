@@ -314,3 +314,16 @@ def test_subset_without_class_tokens_or_captions_trains_on_an_empty_caption(tmp_
     ds = build_dataset(TrainConfig(dataset_config=str(toml), seed=1))
     assert [p.entry.caption for p in ds.images] == ["", ""]
     assert ds.num_train_images == 2 and ds.dataset_dirs() == {"plain": {"n_repeats": 1, "img_count": 2}}
+
+
+def test_train_refuses_a_dataset_not_built_from_the_dataset_config(tmp_path, layout):
+    """A host that builds the dataset from its own folder while dataset_config is set would train other images with
+    the file's settings: refused before anything runs."""
+    from lib_lora.dataset import Dataset, DatasetOptions
+    from lib_lora.train.loop import train
+
+    _, data, _ = layout
+    folders = Dataset.build(DatasetOptions(train_data_dir=str(data), resolution=64))
+    cfg = TrainConfig(dataset_config=str(_write(tmp_path, _toml(layout))), output_dir=str(tmp_path / "o"))
+    with pytest.raises(BadInput, match="dataset_config is set but the dataset was not built from it"):
+        train(cfg, None, folders)
