@@ -118,6 +118,9 @@ def test_dataset_toml_trains_like_the_equivalent_folders(tmp_path, layout, compo
     for key in ("ss_num_train_images", "ss_num_reg_images", "ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_resolution",
                 "ss_tag_frequency", "ss_batch_size_per_device"):
         assert ma.get(key) == mb.get(key), key
+    # the webui card's activation text: folder concept names, or the subsets' class_tokens (mychar's has none)
+    assert json.loads((tmp_path / "folders" / "tiny.json").read_text())["activation text"] == "mychar, style"
+    assert json.loads((tmp_path / "toml" / "tiny.json").read_text())["activation text"] == "style"
     assert json.loads(mb["ss_dataset_dirs"]) == {"2_mychar": {"n_repeats": 2, "img_count": 3},
                                                 "3_style": {"n_repeats": 3, "img_count": 2}}
 
