@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, notes: list[str]) -> TrainConfig:
     """sd-scripts' rule: the config file's values, then every option given on the command line on top."""
     from ..train.config_io import coerce, load_config_file
+    from ..train.dataset_config import apply_dataset_config
 
     given = {k: v for k, v in vars(args).items() if k not in ("config_file", "output_config", "command") and not k.startswith("_")}
     base = load_config_file(args.config_file, notes) if getattr(args, "config_file", None) else TrainConfig()
@@ -101,7 +102,8 @@ def config_from_args(args: argparse.Namespace, notes: list[str]) -> TrainConfig:
     if given.pop("use_lion_optimizer", False):
         given.setdefault("optimizer_type", "Lion")
     values = {k: coerce(k, v) for k, v in given.items() if k in field_names()}
-    return dataclasses.replace(base, **values)
+    # sd-scripts' --dataset_config: its values win over the options above; train_data_dir / reg_data_dir are ignored
+    return apply_dataset_config(dataclasses.replace(base, **values), notes, given=values)
 
 
 class _Progress:
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.dry_run:  # a dry run reports the whole summary (skipped files included) with its measurements
         for s in dataset.skipped:
             say(f"skipped {s.path}: {s.reason}")
-        _say_missing_captions(dataset, cfg.caption_extension, say)
+        _say_missing_captions(dataset, cfg.caption_extension, say, subsets=bool(cfg.dataset_config))
     backend = _load_backend(cfg, dist.device())
     control = E.TrainControl()
     previous = _install_interrupt(control)
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def _say_missing_captions(dataset, extension: str, say) -> None:
+def _say_missing_captions(dataset, extension: str, say, subsets: bool = False) -> None:
     """Images without a caption file train on their folder's concept name; a wrong caption_extension makes that
     every image, so it is said before the run (sd-scripts warns too)."""
     per_folder: dict[str, int] = {}
@@ -243,8 +245,9 @@ def _say_missing_captions(dataset, extension: str, say) -> None:
     if per_folder:
         total = sum(per_folder.values())
         folders = ", ".join(f"{name} ({n})" for name, n in per_folder.items())
+        fallback = "their subset's class_tokens (an empty caption without them)" if subsets else "their folder's concept name"
         say(f"note: {total} image{'s' if total != 1 else ''} {'have' if total != 1 else 'has'} no {extension} caption file "
-            f"and train on their folder's concept name: {folders}")
+            f"and train on {fallback}: {folders}")
 
 
 def _load_backend(cfg: TrainConfig, device):

@@ -13,6 +13,7 @@ _EXPORTS = {
     "DatasetOptions": "options",
     "parse_resolution": "options",
     "validate_options": "options",
+    "Subset": "scan",
     "Dataset": "loader",
     "Batch": "loader",
     "BatchSpec": "loader",

@@ -19,7 +19,7 @@ from .cache import CacheJob, Encode, LatentCache
 from .captions import CaptionRules, caption_variants, clean_caption, process_caption, tag_counts
 from .options import DatasetOptions, bucket_range, check_options
 from .plan import CAPTION, COLOR, CROP, FLIP, balance_reg_repeats, batch_count, epoch_order, held_out, item_rng
-from .scan import ImageEntry, ScanResult, Skipped, scan_root, scan_validation_dir
+from .scan import ImageEntry, ScanResult, Skipped, scan_root, scan_subsets, scan_validation_dir
 
 Size = tuple[int, int]
 
@@ -128,14 +128,19 @@ class Dataset:
         """Scan, split, bucket and count. Raises BadInput (settings, missing folders, no usable image) before
         any model or pixel data is needed."""
         check_options(options)
-        train_scan = scan_root(options.train_data_dir, options.caption_extension)
         none = ScanResult((), (), ())
         ext = options.caption_extension
-        reg_scan = scan_root(options.reg_data_dir, ext, is_reg=True) if options.reg_data_dir else none
+        if options.subsets:  # a dataset config: its folders, not train_data_dir / reg_data_dir (as sd-scripts)
+            train_scan, reg_scan = scan_subsets(options.subsets, ext)
+        else:
+            train_scan = scan_root(options.train_data_dir, options.caption_extension)
+            reg_scan = scan_root(options.reg_data_dir, ext, is_reg=True) if options.reg_data_dir else none
         val_scan = scan_validation_dir(options.validation_data_dir, ext) if options.validation_data_dir else none
         skipped = [*train_scan.skipped, *reg_scan.skipped, *val_scan.skipped]
         ignored = [*train_scan.ignored, *reg_scan.ignored, *val_scan.ignored]
         if not train_scan.images:
+            if options.subsets:
+                raise BadInput(_nothing_in_subsets(train_scan))
             raise BadInput(_nothing_to_train(options.train_data_dir, train_scan))
         if options.reg_data_dir and not reg_scan.images:
             ignored.append(Skipped(Path(options.reg_data_dir), "reg_data_dir holds no image in an N_concept folder"))
@@ -159,7 +164,8 @@ class Dataset:
         reg = _place(reg_scan.images, options, skipped)
         val = _place(val_entries, options, skipped)
         if not train:
-            raise BadInput(f"no usable image in {options.train_data_dir} (all too small or held out)")
+            where = options.train_data_dir or "the dataset config's subsets"
+            raise BadInput(f"no usable image in {where} (all too small or held out)")
         num_train = sum(e.repeats for e, _ in train)
         reg_used = balance_reg_repeats(num_train, [e.repeats for e, _ in reg])
         images = [Placed(e, c, e.repeats, "train") for e, c in train]
@@ -393,3 +399,12 @@ def _nothing_to_train(root: Any, scan: ScanResult) -> str:
     if scan.concepts:
         return f"no images in the concept folders of {root} (png, jpg, jpeg, webp, bmp)"
     return f"train_data_dir is empty: {root} (put images in a folder named N_concept, e.g. 10_mychar)"
+
+
+def _nothing_in_subsets(scan: ScanResult) -> str:
+    if scan.skipped:
+        first = scan.skipped[0]
+        return (f"no readable image in the dataset config's training subsets: {len(scan.skipped)} skipped "
+                f"(first: {first.path}: {first.reason})")
+    return ("no training image in the dataset config's subsets (images must lie directly in each image_dir; "
+            "is_reg subsets alone cannot train)")

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from ..errors import BadInput
+
+if TYPE_CHECKING:
+    from .scan import Subset
 
 Resolution = Union[int, "tuple[int, int]", str]
 
@@ -51,6 +54,9 @@ class DatasetOptions:
     validation_data_dir: str | None = None
     train_batch_size: int = 1
     seed: int = 42
+    # sd-scripts' dataset config: image folders with their own repeats / class tokens / caption extension, used
+    # instead of train_data_dir and reg_data_dir (lib_lora.train.dataset_config reads the file)
+    subsets: "tuple[Subset, ...]" = ()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -148,8 +154,11 @@ def validate_options(opts: DatasetOptions) -> list[str]:
             "cache_latents cannot be combined with color_aug or random_crop (they change the pixels every epoch): "
             "turn off the cache or those augmentations"
         )
-    if not opts.train_data_dir:
+    if not opts.train_data_dir and not opts.subsets:
         problems.append("train_data_dir is not set")
+    for sub in opts.subsets:
+        if sub.num_repeats < 1:
+            problems.append(f"{sub.name or sub.image_dir}: num_repeats {sub.num_repeats} must be at least 1")
     return problems
 
 

@@ -46,6 +46,19 @@ class Concept:
 
 
 @dataclass(frozen=True)
+class Subset:
+    """One image folder of an sd-scripts dataset config (`[[datasets.subsets]]`, DreamBooth style): images directly
+    in `image_dir`; the folder's name decides nothing (repeats and class tokens are given here)."""
+
+    image_dir: str
+    num_repeats: int = 1
+    class_tokens: str | None = None  # caption of images without a caption file (None: an empty caption)
+    is_reg: bool = False
+    caption_extension: str | None = None  # None: DatasetOptions.caption_extension
+    name: str = ""  # how messages name it, e.g. "subset 2 of [[datasets]] 1"
+
+
+@dataclass(frozen=True)
 class Skipped:
     path: Path
     reason: str
@@ -207,3 +220,27 @@ def scan_validation_dir(root: str | Path, caption_extension: str = ".txt") -> Sc
             if found.images:
                 concepts.append(found)
     return ScanResult(tuple(concepts), tuple(skipped), ())
+
+
+def scan_subsets(subsets, caption_extension: str = ".txt") -> tuple[ScanResult, ScanResult]:
+    """(training, reg) scans of dataset-config subsets. Raises BadInput naming the subset when its image_dir is
+    missing; a subset without images is listed in `ignored` (sd-scripts skips it with a warning)."""
+    results: dict[bool, tuple[list[Concept], list[Skipped], list[Skipped]]] = {False: ([], [], []), True: ([], [], [])}
+    keys_used: set[tuple[str, str]] = set()
+    for n, sub in enumerate(subsets, 1):
+        folder = Path(sub.image_dir)
+        label = sub.name or f"subset {n}"
+        if not folder.is_dir():
+            raise BadInput(f"{label}: image_dir does not exist or is not a folder: {folder}")
+        tag = "reg" if sub.is_reg else "train"
+        if (tag, folder.name) in keys_used:  # two image_dirs with one name: keep image keys (seeds, caches) apart
+            tag = f"{tag}{n}"
+        keys_used.add((tag, folder.name))
+        concepts, skipped, ignored = results[sub.is_reg]
+        concept = _scan_folder(folder, tag, sub.num_repeats, sub.class_tokens or "", sub.is_reg,
+                               sub.caption_extension or caption_extension, skipped)
+        if concept.images:
+            concepts.append(concept)
+        else:
+            ignored.append(Skipped(folder, f"{label} holds no readable image directly in image_dir"))
+    return tuple(ScanResult(tuple(c), tuple(s), tuple(i)) for c, s, i in (results[False], results[True]))

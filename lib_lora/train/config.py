@@ -53,6 +53,9 @@ class TrainConfig:
     # -- dataset
     train_data_dir: str = _f("", "folder holding N_concept subfolders (N = repeats)", "dataset")
     reg_data_dir: str = _f("", "regularization images, same N_concept layout (optional)", "dataset")
+    dataset_config: str = _f("", "sd-scripts dataset config (.toml / .json: [general], [[datasets]], [[datasets.subsets]] "
+                             "with image_dir, num_repeats, class_tokens, is_reg); used instead of train_data_dir / "
+                             "reg_data_dir, and its values win over these options", "dataset")
     caption_extension: str = _f(".txt", "extension of caption files beside each image", "dataset")
     resolution: str = _f("512", "training resolution: 'W' or 'W,H'", "dataset")
     enable_bucket: bool = _f(False, "aspect-ratio buckets instead of center crops", "dataset")

@@ -74,11 +74,12 @@ NEUTRAL_WHEN: dict[str, tuple | None] = {
     "caption_prefix": ("", None), "caption_suffix": ("", None), "secondary_separator": ("", None),
     "enable_wildcard": (False,), "caption_separator": (",",), "face_crop_aug_range": ("", None),
     "loraplus_lr_ratio": (0, None), "loraplus_unet_lr_ratio": (0, None), "loraplus_text_encoder_lr_ratio": (0, None),
-    "dataset_config": ("", None), "debug_dataset": (False,), "no_metadata": (False,),
+    "debug_dataset": (False,), "no_metadata": (False,),
 }
 
 
-def _is_neutral(key: str, value: Any) -> bool:
+def is_neutral(key: str, value: Any) -> bool:
+    """Whether an sd-scripts option of NEUTRAL_WHEN holds a value under which it changes nothing here."""
     allowed = NEUTRAL_WHEN[key]
     if allowed is None:
         return True
@@ -247,7 +248,7 @@ def from_dict(d: Mapping[str, Any], notes: list[str] | None = None, base: TrainC
     bad = sorted(k for k in flat if k not in names and k not in IGNORED_KEYS and k not in NEUTRAL_WHEN)
     if bad:
         raise BadInput(unknown_key_message(bad))
-    unsupported = sorted(f"{k} = {flat[k]!r}" for k in flat if k in NEUTRAL_WHEN and not _is_neutral(k, flat[k]))
+    unsupported = sorted(f"{k} = {flat[k]!r}" for k in flat if k in NEUTRAL_WHEN and not is_neutral(k, flat[k]))
     if unsupported:
         raise BadInput(f"sd-scripts option(s) this trainer does not have: {', '.join(unsupported)} "
                        "(remove them, or set them to sd-scripts' default)")

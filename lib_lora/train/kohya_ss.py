@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import BadInput
 from .config import TrainConfig, field_names
-from .config_io import IGNORED_KEYS, coerce
+from .config_io import IGNORED_KEYS, NEUTRAL_WHEN, coerce, is_neutral
 
 # kohya_ss GUI key -> our field (same meaning, different name)
 ALIASES = {
@@ -53,8 +53,48 @@ def _meaningful(v: Any) -> bool:
     return _given(v) and v is not False and v != 0 and v != "0" and v != "none" and v != "None"
 
 
+# GUI spellings of sd-scripts options checked like them
+_SAME_AS = {"stop_text_encoder_training_pct": "stop_text_encoder_training"}
+
+
+def _gui_value(raw: Any) -> Any:
+    """A GUI value as sd-scripts would get it: "0.0" -> 0, "1000" -> 1000, "true" -> True."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        try:
+            number = float(text)
+        except ValueError:
+            return raw
+        return int(number) if number.is_integer() else number
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    return raw
+
+
+def _refused(preset: dict[str, Any]) -> list[str]:
+    """sd-scripts options the GUI hands to sd-scripts with a value that would change the training in a way this
+    trainer does not do: refused as the same option is in a TOML file (config_io.NEUTRAL_WHEN), never a note."""
+    multires = str(preset.get("noise_offset_type", "Original") or "Original") == "Multires"
+    bad = []
+    for key, raw in preset.items():
+        name = _SAME_AS.get(key, key)
+        if name not in NEUTRAL_WHEN or key in _HANDLED or not _given(raw):
+            continue
+        if name.startswith("multires_noise") and not multires:  # the GUI passes these only with Multires noise
+            continue
+        if not is_neutral(name, _gui_value(raw)):
+            bad.append(f"{key} = {raw!r}")
+    return sorted(bad)
+
+
 def from_kohya_ss(preset: dict[str, Any], notes: list[str] | None = None) -> TrainConfig:
     """Map a kohya_ss GUI preset dict onto a TrainConfig (defaults for what it does not set)."""
+    refused = _refused(preset)
+    if refused:
+        raise BadInput(f"sd-scripts option(s) this trainer does not have: {', '.join(refused)} "
+                       "(remove them, or set them to sd-scripts' default)")
     names = set(field_names())
     values: dict[str, Any] = {}
     ignored: list[str] = []
@@ -121,8 +161,6 @@ def from_kohya_ss(preset: dict[str, Any], notes: list[str] | None = None) -> Tra
         lines = [ln.strip() for ln in str(prompts).splitlines() if ln.strip()]
         values["sample_prompts"] = tuple(lines)
 
-    if str(preset.get("noise_offset_type", "Original")) not in ("Original", "") and _num(preset.get("multires_noise_iterations")) > 0:
-        ignored.append("noise_offset_type=Multires")
     if ignored and notes is not None:
         notes.append(f"kohya_ss settings not used here: {', '.join(sorted(ignored))}")
     return dataclasses.replace(TrainConfig(), **values)

@@ -50,7 +50,14 @@ def call_with_known(fn, **kwargs):
 
 def train(cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl | None = None) -> Iterator[Event]:
     """Run (or resume, or dry-run) a training; see docs/training.md for the events and the files written."""
-    return Run(cfg, backend, dataset, control or TrainControl()).events()
+    from .dataset_config import apply_dataset_config
+
+    if cfg.dataset_config and not getattr(getattr(dataset, "options", None), "subsets", ()):
+        # e.g. a host that builds the dataset from its own folder: the file's settings would apply to other images
+        raise BadInput("dataset_config is set but the dataset was not built from it (build it with "
+                       "lib_lora.train.state.build_dataset(cfg), or leave dataset_config empty)")
+    # a dataset config's resolution / batch size / augmentation are the run's (as build_dataset used them)
+    return Run(apply_dataset_config(cfg), backend, dataset, control or TrainControl()).events()
 
 
 class Run(TrainStep):

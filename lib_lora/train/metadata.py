@@ -109,7 +109,14 @@ def training_metadata(
 
 
 def activation_text(dataset: Any) -> str:
-    """The concept names of the training folders (`10_mychar` -> `mychar`), the words a user types to use the LoRA."""
+    """The concept names of the training folders (`10_mychar` -> `mychar`), the words a user types to use the LoRA;
+    with a dataset config, the class_tokens of its training subsets (there a folder's name means nothing)."""
+    if getattr(getattr(dataset, "options", None), "subsets", ()):
+        uses: dict[str, int] = {}
+        for placed in dataset.images:
+            if placed.role == "train" and placed.entry.concept:
+                uses[placed.entry.concept] = uses.get(placed.entry.concept, 0) + placed.repeats
+        return ", ".join(sorted(uses, key=lambda c: (-uses[c], c)))
     dirs = getattr(dataset, "dataset_dirs", None)
     table = dirs() if dirs else {}
     names = []

@@ -169,5 +169,7 @@ def build_dataset(cfg: TrainConfig):
     """The dataset for `cfg` (seed resolved first): scanned, split and bucketed, no pixels loaded yet."""
     from ..dataset import Dataset, DatasetOptions
 
-    cfg = resolve_seed(cfg)
-    return Dataset.build(DatasetOptions.from_config(cfg))
+    from .dataset_config import apply_dataset_config, dataset_subsets
+
+    cfg = apply_dataset_config(resolve_seed(cfg))
+    return Dataset.build(DatasetOptions.from_config(cfg, subsets=dataset_subsets(cfg)))

@@ -126,8 +126,11 @@ def plan_from_dataset(cfg: TrainConfig, dataset, num_processes: int = 1) -> Step
 def plan_from_folders(cfg: TrainConfig, num_processes: int = 1) -> StepPlan:
     """The plan from the folders (no buckets: each batch is full), for the tab and the CLI preview; images the
     dataset scan would skip as unreadable are not counted."""
-    train = count_concepts(cfg.train_data_dir, True) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
-    reg = count_concepts(cfg.reg_data_dir, True) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
+    if cfg.dataset_config:
+        train, reg = _count_subsets(cfg)
+    else:
+        train = count_concepts(cfg.train_data_dir, True) if cfg.train_data_dir and Path(cfg.train_data_dir).is_dir() else []
+        reg = count_concepts(cfg.reg_data_dir, True) if cfg.reg_data_dir and Path(cfg.reg_data_dir).is_dir() else []
     from ..dataset.plan import split_counts
 
     held_out = cfg.validation_split if not cfg.validation_data_dir else 0.0
@@ -140,3 +143,20 @@ def plan_from_folders(cfg: TrainConfig, num_processes: int = 1) -> StepPlan:
         num_processes=num_processes,
     )
     return dataclasses.replace(plan, concepts=tuple(train))
+
+
+def _count_subsets(cfg: TrainConfig) -> tuple[list[ConceptCount], list[ConceptCount]]:
+    """(training, reg) counts of a dataset config's subsets; none when the file cannot be read (validate says why)."""
+    from ..dataset.scan import usable_image_count
+    from ..errors import BadInput
+    from .dataset_config import dataset_subsets
+
+    try:
+        subsets = dataset_subsets(cfg)
+    except BadInput:
+        return [], []
+    found: tuple[list[ConceptCount], list[ConceptCount]] = ([], [])
+    for sub in subsets:
+        n, bad = usable_image_count(Path(sub.image_dir))
+        found[sub.is_reg].append(ConceptCount(Path(sub.image_dir).name, sub.num_repeats, n, bad))
+    return found

@@ -69,6 +69,14 @@ def _folder_problems(name: str, path: str, required: bool) -> tuple[list[Problem
 
 def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
     """Every problem with `cfg`; `need_model_path=False` when the host hands over a loaded model (the webui)."""
+    dataset_problem = ""
+    if cfg.dataset_config:  # its values (resolution, batch size, augmentation) are the run's: check those
+        from .dataset_config import apply_dataset_config
+
+        try:
+            cfg = apply_dataset_config(cfg)
+        except BadInput as exc:
+            dataset_problem = str(exc)
     out: list[Problem] = []
     add = lambda f, m, s="error": out.append(Problem(f, m, s))  # noqa: E731
 
@@ -96,9 +104,14 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("max_token_length", f"{cfg.max_token_length} is not one of 75, 150, 225")
 
     # dataset
-    problems, train_concepts = _folder_problems("train_data_dir", cfg.train_data_dir, required=True)
-    out += problems
-    out += _folder_problems("reg_data_dir", cfg.reg_data_dir, required=False)[0]
+    if cfg.dataset_config:  # sd-scripts' dataset config: its folders instead of train_data_dir / reg_data_dir
+        train_concepts = []
+        if dataset_problem:
+            add("dataset_config", dataset_problem)
+    else:
+        problems, train_concepts = _folder_problems("train_data_dir", cfg.train_data_dir, required=True)
+        out += problems
+        out += _folder_problems("reg_data_dir", cfg.reg_data_dir, required=False)[0]
     if cfg.validation_data_dir:
         out += _folder_problems("validation_data_dir", cfg.validation_data_dir, required=False)[0]
         if cfg.validation_split:
@@ -259,6 +272,8 @@ def _dataset_option_problems(cfg: TrainConfig, known: set[str]) -> list[Problem]
     found = []
     for message in validate_options(DatasetOptions.from_config(cfg, seed=cfg.seed or 0)):
         name = message.split()[0]
+        if name == "train_data_dir" and cfg.dataset_config:  # the dataset config's subsets stand in for it
+            continue
         said = {"give": {"validation_split"}, "cache_latents": {"color_aug", "random_crop"}}.get(name, {name})
         if said & known:
             continue

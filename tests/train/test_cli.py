@@ -96,11 +96,15 @@ def test_cli_config_file_and_output_config(tmp_path, capsys):
     assert "network_dim = 12" in text and "network_alpha = 6.0" in text and "flip_aug = true" in text
     capsys.readouterr()
     preset = tmp_path / "preset.json"  # a kohya_ss GUI preset: what it holds that we do not use is said
-    preset.write_text('{"LoRA_type": "Standard", "network_dim": 16, "scale_weight_norms": 1, "noise_offset_type": "Original"}')
+    preset.write_text('{"LoRA_type": "Standard", "network_dim": 16, "block_dims": "2,2,2", "noise_offset_type": "Original"}')
     assert main(["train", "--config_file", str(preset), "--output_config", str(tmp_path / "c.toml")]) == 0
     out = capsys.readouterr().out
-    assert "note: kohya_ss settings not used here: scale_weight_norms" in out
+    assert "note: kohya_ss settings not used here: block_dims" in out
     assert "network_dim = 16" in (tmp_path / "c.toml").read_text()
+    # a setting that would change the training is refused, as the same key in a TOML file is
+    preset.write_text('{"LoRA_type": "Standard", "network_dim": 16, "scale_weight_norms": 1}')
+    assert main(["train", "--config_file", str(preset), "--output_config", str(tmp_path / "d.toml")]) == 1
+    assert "does not have: scale_weight_norms = 1" in capsys.readouterr().err and not (tmp_path / "d.toml").exists()
 
 
 @pytest.mark.slow

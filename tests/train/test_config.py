@@ -187,8 +187,7 @@ def test_kohya_ss_written_config_file_loads_and_says_what_it_ignores():
     # set to something that would change the training, such an option is refused, not silently ignored
     variants = {"loss_type": KOHYA_SS_TOML.replace('loss_type = "l2"', 'loss_type = "huber"'),
                 "max_timestep": KOHYA_SS_TOML.replace("max_timestep = 1000", "max_timestep = 900"),
-                "multires_noise_iterations": KOHYA_SS_TOML + "multires_noise_iterations = 6\n",
-                "dataset_config": KOHYA_SS_TOML + 'dataset_config = "d.toml"\n'}
+                "multires_noise_iterations": KOHYA_SS_TOML + "multires_noise_iterations = 6\n"}
     for key, text in variants.items():
         with pytest.raises(BadInput, match=f"does not have: {key} = "):
             loads_toml(text)
@@ -250,7 +249,7 @@ KOHYA_PRESET = {
     "network_alpha": 16, "network_dim": 32, "network_dropout": 0, "noise_offset": "0.05", "noise_offset_type": "Original",
     "optimizer": "AdamW8bit", "optimizer_args": "weight_decay=0.01 \"betas=0.9,0.99\"", "prior_loss_weight": 1.0,
     "random_crop": False, "rank_dropout": 0.1, "module_dropout": 0, "save_every_n_epochs": 2, "save_precision": "float",
-    "scale_weight_norms": 5, "sdxl": False, "seed": "1234", "shuffle_caption": True, "text_encoder_lr": "5e-05",
+    "scale_weight_norms": 0, "sdxl": False, "seed": "1234", "shuffle_caption": True, "text_encoder_lr": "5e-05",
     "train_batch_size": 2, "unet_lr": "0.0001", "v2": False, "v_parameterization": False, "xformers": "xformers",
     "sample_prompts": "a photo of mychar --w 512 --h 512\n\nmychar smiling --s 20\n", "sample_every_n_epochs": 0,
     "multires_noise_iterations": 0, "output_name": "mychar", "train_data_dir": "/data/img",
@@ -276,10 +275,33 @@ def test_kohya_ss_preset_import(tmp_path):
     assert cfg.sample_prompts == ("a photo of mychar --w 512 --h 512", "mychar smiling --s 20")
     assert cfg.sample_every_n_epochs is None and cfg.output_name == "mychar"
     assert cfg.state_dir is None and cfg.sample_dir is None  # the GUI has no such keys: sd-scripts' places
-    assert notes and "scale_weight_norms" in notes[0] and "xformers" not in notes[0]
-    assert "noise_offset_type" not in notes[0]  # "Original" is the offset noise we do
+    # "Original" is the offset noise we do; xformers tunes sd-scripts' own machinery
+    assert all("xformers" not in n and "noise_offset_type" not in n and "block_alphas" not in n for n in notes)
     # and it survives our own TOML
     assert loads_toml(dump_toml(cfg)) == cfg
+
+
+@pytest.mark.parametrize("key, value", [("min_timestep", 100), ("stop_text_encoder_training", 30), ("max_timestep", "900"),
+                                        ("scale_weight_norms", 5), ("loss_type", "huber"), ("multires_noise_iterations", 6)])
+def test_kohya_ss_preset_refuses_what_the_toml_path_refuses(key, value):
+    """A GUI preset and a TOML file with the same sd-scripts option get the same answer: a value that would change
+    the training in a way this trainer does not do is refused, never a note."""
+    extra = {"noise_offset_type": "Multires"} if key == "multires_noise_iterations" else {}
+    with pytest.raises(BadInput, match=f"does not have: {key} = "):
+        from_kohya_ss({**KOHYA_PRESET, **extra, key: value})
+    with pytest.raises(BadInput, match=f"does not have: {key} = "):
+        loads_toml(f"{key} = {json.dumps(value)}\n")
+    # their off values (as numbers, strings or empty, as the GUI writes them) load
+    for off in {"min_timestep": (0, "0", ""), "stop_text_encoder_training": (0, 0.0, ""), "max_timestep": (1000, "1000"),
+                "scale_weight_norms": (0, "0.0"), "loss_type": ("l2",), "multires_noise_iterations": (0, "")}[key]:
+        from_kohya_ss({**KOHYA_PRESET, key: off})
+    # the GUI passes multires settings to sd-scripts only with noise_offset_type Multires
+    assert from_kohya_ss({**KOHYA_PRESET, "multires_noise_iterations": 6, "noise_offset_type": "Original"}).network_dim == 32
+
+
+def test_kohya_ss_preset_with_a_dataset_config_keeps_it():
+    assert from_kohya_ss({**KOHYA_PRESET, "dataset_config": "/data/d.toml"}).dataset_config == "/data/d.toml"
+    assert from_kohya_ss({**KOHYA_PRESET, "dataset_config": ""}).dataset_config == ""
 
 
 def test_kohya_ss_variants():
