@@ -141,7 +141,7 @@ class TrainService:
         lhs = images_times_repeats(plan.concepts, plan.repeated_images)
         accum = cfg.gradient_accumulation_steps or 1
         text = (f"{lhs} per epoch / batch {cfg.train_batch_size}" + (f" / accumulation {accum}" if accum > 1 else "")
-                + f" = {plan.steps_per_epoch} steps per epoch x {plan.epochs} epochs = {plan.total_steps} steps")
+                + f" = {plan.epochs_text()}")
         return text, plan.repeated_images, lhs
 
 
