@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import IncompatibleFile, TrainingFailed
+from .earlier_runs import set_aside_earlier_run
 from .jobs import PAUSED, RUNNING, Job
 
 
@@ -50,6 +51,13 @@ def make_runner(host):
         info = host.model_info()
         with host.training_session(job) as backend:
             dataset = build_dataset(job.config)
+            if job.config is not None:  # a fresh run: the earlier run's epochs are moved aside, not overwritten
+                moved = set_aside_earlier_run(job.config, host.projects_root() / job.project)
+                if moved:
+                    job.earlier_run = moved
+                    job.notes.append(moved)
+                    job.message = moved
+                    host.report(job)
             stream = train(job.config, backend, dataset, job.control)
             for event in stream:
                 if isinstance(event, ev.Started):
