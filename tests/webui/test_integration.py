@@ -149,6 +149,10 @@ def train_on_the_loaded_model(webui, arch: str, network_args: list[str] = ()) ->
     lora_dir = webui.data_dir / "models" / "Lora" / "sks"
     assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
     card = (lora_dir / "sks-02.json").read_text()
+    # each epoch's first preview is its card picture (the webui showed "NO PREVIEW" on the cards)
+    assert (lora_dir / "sks-01.preview.png").read_bytes() == Path(job["samples"][0]).read_bytes()
+    card_html = webui.get("/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name=sks-01")["html"]
+    assert "sks-01.preview.png" in card_html and "class=\"preview\"" in card_html, card_html
     assert '"activation text": "sks"' in card and f'"sd version": "{SD_VERSION[arch]}"' in card
     assert len(job["checks"]) == 2 and all(c.startswith("ok") for c in job["checks"]), job["checks"]
     assert len(job["files"]) == 2

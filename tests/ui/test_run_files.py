@@ -1,7 +1,8 @@
-"""A fresh run of a project moves the earlier run's epoch files (cards, previews, samples, loss log) into the
-project's runs/ folder instead of overwriting -01... and leaving the earlier run's later epochs beside the new
-ones; a resumed run moves nothing. Real tiny SD1 model through the standalone host (the tab's and the API's path:
-the queue runner)."""
+"""What a run of the tab (and the API: both through the queue runner) leaves in the Lora folder. A fresh run of a
+project moves the earlier run's epoch files (cards, previews, samples, loss log) into the project's runs/ folder
+instead of overwriting -01... and leaving the earlier run's later epochs beside the new ones; a resumed run moves
+nothing. Each saved epoch gets its first preview as the webui's card picture. Real tiny SD1 model through the
+standalone host."""
 
 from __future__ import annotations
 
@@ -69,3 +70,20 @@ def test_a_fresh_run_moves_the_earlier_runs_epochs_aside_and_a_resume_moves_noth
     assert set_aside_earlier_run(resumed, project.path) is None  # a resumed run continues these files
     assert sorted(p.name for p in out.iterdir()) == ["other.safetensors", "p-01.json", "p-01.safetensors"]
     assert len(list((project.path / "runs").iterdir())) == 1
+
+
+def test_each_epoch_gets_its_first_preview_as_the_card_picture_and_a_users_own_is_kept(standalone):
+    """The webui showed 'NO PREVIEW' on the cards although every epoch had previews in the project's samples."""
+    host, project, service = standalone
+    out = host.lora_output_dir("p")
+    out.mkdir(parents=True)
+    (out / "p-02.preview.png").write_bytes(b"the user's own picture")  # no p-02.safetensors yet: nothing moved
+    job = run(host, service, project, max_train_epochs=2, sample_every_n_epochs=1,
+              sample_prompts="sks, red --w 64 --h 64 --s 2 --d 1\nsks, blue --w 64 --h 64 --s 2 --d 2")
+    first = project.samples / "p_e000001_00.png"
+    assert first.is_file() and (project.samples / "p_e000001_01.png").is_file()
+    assert (out / "p-01.preview.png").read_bytes() == first.read_bytes()  # the first prompt's image
+    assert (out / "p-02.preview.png").read_bytes() == b"the user's own picture"  # never replaced
+    assert sorted(p.name for p in out.iterdir()) == ["p-01.json", "p-01.preview.png", "p-01.safetensors",
+                                                     "p-02.json", "p-02.preview.png", "p-02.safetensors"]
+    assert job.status != "failed"
