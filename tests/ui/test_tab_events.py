@@ -33,3 +33,27 @@ def test_a_refused_undo_offers_undo_anyway_which_puts_the_edit_back(host):
     assert "undid 'remove red'" in done["lora_train_msg"].replace("&#x27;", "'")
     assert done["lora_train_undo_force"]["visible"] is False
     assert [p.with_suffix(".txt").read_text() for p in images] == ["cat, red", "dog, red", "cat, red"]
+
+
+def load_page(blocks) -> dict:
+    """What the page's load event sets (a browser reload)."""
+    for i, dep in enumerate(blocks.dependencies):
+        if dep["trigger"] == "load":
+            out = blocks.fns[i].fn()
+            return {getattr(k, "elem_id", None) or k.label: v for k, v in out.items()}
+    raise AssertionError("no load handler")
+
+
+def test_a_page_reload_comes_back_with_the_last_chosen_project(host):
+    """The choice was lost on reload (the load event set the project to none)."""
+    root = host.projects_root()
+    for name in ("a", "b"):
+        make_images(projects.create_project(root, name).dataset / f"10_{name}", 1)
+    blocks = build_tab(host)
+    assert load_page(blocks)["lora_train_project"]["value"] is None  # nothing chosen yet
+    fire(blocks, "lora_train_project", "change", "b")
+    assert load_page(build_tab(host))["lora_train_project"]["value"] == "b"  # also after a restart
+    import shutil
+
+    shutil.rmtree(root / "b")  # a project deleted meanwhile: none chosen, no error
+    assert load_page(blocks)["lora_train_project"]["value"] is None
