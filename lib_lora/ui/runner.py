@@ -73,6 +73,7 @@ def make_runner(host):
                     job.earlier_run = moved
                     job.notes.append(moved)
                     job.message = moved
+                    host.refresh_loras()  # the moved files leave the webui's LoRA list
                     host.report(job)
             stream = train(job.config, backend, dataset, job.control)
             saved: dict[int, Path] = {}  # epoch -> its LoRA file, for the card picture from that epoch's previews

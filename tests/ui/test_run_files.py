@@ -62,6 +62,9 @@ def test_a_fresh_run_moves_the_earlier_runs_epochs_aside_and_a_resume_moves_noth
     said = [n for n in second.notes if "earlier run" in n]
     assert said and "2 epoch files" in said[0] and str(moved) in said[0]
     assert second.earlier_run == said[0]
+    from lib_lora.ui.tab_train import files_text
+
+    assert files_text(second).splitlines()[0] == said[0]  # shown above the new run's files in the Train sub-tab
 
     from lib_lora.train.outputs import state_dir
     from lib_lora.ui.earlier_runs import set_aside_earlier_run
