@@ -286,11 +286,17 @@ def test_a_lora_baked_in_by_an_earlier_generation_is_removed_before_training(web
     before = txt2img(webui)
     baked = txt2img(webui, prompt=TXT2IMG["prompt"] + " <lora:sks-02:1>")
     assert baked != before
-    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": dict(TRAIN, max_train_epochs=1)})
+    earlier = (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").read_bytes()
+    # two epochs again: the merge and browser tests below use sks-02
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": dict(TRAIN, max_train_epochs=2)})
     assert status == 201, job
     job = wait_job(webui, job["id"])
     assert job["status"] == "done", job["message"]
     assert txt2img(webui) == before
+    # a fresh run of the project: the earlier run's epochs were moved into the project's runs/, not overwritten
+    moved = list((webui.data_dir / "lora-train" / "sks" / "runs").glob("*/sks-02.safetensors"))
+    assert len(moved) == 1 and moved[0].read_bytes() == earlier, job["earlier_run"]
+    assert "2 epoch files" in job["earlier_run"]
 
 
 def test_pause_frees_the_model_for_generation_then_training_continues(webui):
