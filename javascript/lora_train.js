@@ -17,7 +17,8 @@
     }
 
     // Live step count: images x repeats (from the server) / batch / accumulation x epochs, as the user types.
-    // Same arithmetic as lib_lora.train.steps.plan_steps (without buckets): the server's answer replaces it.
+    // Same arithmetic and words as lib_lora.train.steps (plan_steps, StepPlan.epochs_text; the tab has no
+    // max_train_steps field, so no partial epoch here): the server's answer replaces it.
     function updateSteps() {
         var line = el("lora_train_steps_line");
         var info = line && line.querySelector("[data-repeated]");
@@ -32,7 +33,8 @@
         var live = line.querySelector(".lora-train-live-steps");
         if (live) {
             live.textContent = lhs + " per epoch / batch " + batch + (accum > 1 ? " / accumulation " + accum : "") +
-                " = " + perEpoch + " steps per epoch x " + epochs + " epochs = " + perEpoch * epochs + " steps";
+                " = " + perEpoch + " steps per epoch x " + epochs + (epochs === 1 ? " epoch" : " epochs") + " = " +
+                perEpoch * epochs + " steps";
         }
     }
     document.addEventListener("input", function (e) {

@@ -24,6 +24,16 @@ JOURNAL_DIR = ".lora_train_undo"
 _FALLBACK_ENCODINGS = ("utf-8", "cp1252", "latin-1")  # latin-1 accepts any byte, so reading never fails
 
 
+class UndoConflict(BadInput):
+    """Undo refused because captions were changed after the batch; `entry` is the refused batch, `changed` the
+    caption files changed since (so a host can offer its own way to undo anyway: the CLI's --force, a tab button)."""
+
+    def __init__(self, message: str, entry: "UndoEntry", changed: list[Path]):
+        super().__init__(message)
+        self.entry = entry
+        self.changed = changed
+
+
 def read_caption(path: str | os.PathLike) -> str:
     """Return the caption text (stripped), decoding UTF-8 (with or without BOM), UTF-16 with BOM, else cp1252."""
     data = Path(path).read_bytes()
@@ -213,9 +223,10 @@ def undo_last(folder: str | os.PathLike, force: bool = False) -> UndoEntry | Non
     ]
     if changed and not force:
         names = ", ".join(_shown(root, p) for p in sorted(changed)[:5]) + (" ..." if len(changed) > 5 else "")
-        raise BadInput(
+        raise UndoConflict(
             f"cannot undo '{entry.label}': {len(changed)} caption(s) were changed after it ({names}); nothing was "
-            "restored; undo with --force to put the whole batch back and lose those later changes"
+            "restored; undo with --force to put the whole batch back and lose those later changes",
+            entry, sorted(changed),
         )
     for path, encoded in files.items():
         if encoded is None:

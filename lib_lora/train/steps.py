@@ -70,10 +70,13 @@ class StepPlan:
         return (
             f"{self.train_images} images{bad} x repeats = {self.repeated_images}{reg} per epoch; "
             f"batch {cfg.train_batch_size}, gradient accumulation {cfg.gradient_accumulation_steps} -> "
-            + self._epochs_text()
+            + self.epochs_text()
         )
 
-    def _epochs_text(self) -> str:
+    def epochs_text(self) -> str:
+        """'12 steps per epoch x 3 epochs = 36 steps', or, when max_train_steps ends inside an epoch, '8 steps per
+        epoch; max_train_steps 100 -> 13 epochs (the last one partial)': the end of the CLI's plan line and of
+        the tab's steps line, so both read the same."""
         epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
         if self.total_steps >= self.steps_per_epoch * self.epochs:
             return f"{self.steps_per_epoch} steps per epoch x {epochs} = {self.total_steps} steps"

@@ -53,6 +53,7 @@ class Job:
     samples: list = field(default_factory=list)  # preview image paths
     warnings: list = field(default_factory=list)  # settings that are allowed but probably not meant
     notes: list = field(default_factory=list)  # what the engine said along the way (phases, resume remarks)
+    earlier_run: str = ""  # where a fresh run moved the earlier run's epoch files (lib_lora.ui.earlier_runs)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -64,7 +65,8 @@ class Job:
             "id": self.id, "project": self.project, "status": self.status, "message": self.message,
             "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch, "epochs": self.epochs,
             "loss": self.loss, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "files": list(self.files),
-            "checks": list(self.checks), "samples": list(self.samples), "warnings": list(self.warnings), "notes": list(self.notes), "created": self.created,
+            "checks": list(self.checks), "samples": list(self.samples), "warnings": list(self.warnings), "notes": list(self.notes),
+            "earlier_run": self.earlier_run, "created": self.created,
             "started": self.started, "finished": self.finished,
         }
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..errors import IncompatibleFile, TrainingFailed
+from ..errors import IncompatibleFile, LoraTrainError, TrainingFailed
+from .earlier_runs import set_aside_earlier_run
 from .jobs import PAUSED, RUNNING, Job
 
 
@@ -39,6 +40,22 @@ def write_card(path: Path, job: Job, sd_version: str) -> None:
     write_sidecar(path, activation, weight, sd_version, f"LoRA Train project {job.project}, epoch file {path.name}")
 
 
+CARD_PICTURE = ".preview.png"  # the webui shows <stem>.preview.png (or <stem>.png) as a LoRA card's picture
+
+
+def write_card_picture(lora: Path, sample: Path) -> Path | None:
+    """Copy an epoch's first preview beside its file as `<stem>.preview.png`, so the webui's Lora card shows it
+    instead of 'NO PREVIEW'. A picture already there (`<stem>.preview.png` or `<stem>.png`: the user's own, or one
+    written before a resume) is never replaced; None then. Only the tab's runs do this, not the CLI."""
+    from ..fsutil import atomic_write_bytes
+
+    target = lora.with_name(lora.stem + CARD_PICTURE)
+    if target.exists() or lora.with_suffix(".png").exists() or not sample.is_file():
+        return None
+    atomic_write_bytes(target, sample.read_bytes())
+    return target
+
+
 def make_runner(host):
     """The JobQueue runner for `host`."""
 
@@ -50,7 +67,16 @@ def make_runner(host):
         info = host.model_info()
         with host.training_session(job) as backend:
             dataset = build_dataset(job.config)
+            if job.config is not None:  # a fresh run: the earlier run's epochs are moved aside, not overwritten
+                moved = set_aside_earlier_run(job.config, host.projects_root() / job.project)
+                if moved:
+                    job.earlier_run = moved
+                    job.notes.append(moved)
+                    job.message = moved
+                    host.refresh_loras()  # the moved files leave the webui's LoRA list
+                    host.report(job)
             stream = train(job.config, backend, dataset, job.control)
+            saved: dict[int, Path] = {}  # epoch -> its LoRA file, for the card picture from that epoch's previews
             for event in stream:
                 if isinstance(event, ev.Started):
                     job.total_steps, job.epochs = event.total_steps, event.epochs
@@ -65,6 +91,7 @@ def make_runner(host):
                     job.epoch = event.epoch
                 elif isinstance(event, ev.Saved) and event.kind == "lora":
                     path = Path(event.path)
+                    saved[event.epoch] = path
                     write_card(path, job, info.sd_version)
                     job.files.append(str(path))
                     try:
@@ -75,6 +102,11 @@ def make_runner(host):
                     host.refresh_loras()
                 elif isinstance(event, ev.Sample):
                     job.samples.extend(event.paths)
+                    if event.epoch in saved and event.paths:
+                        try:
+                            write_card_picture(saved[event.epoch], Path(event.paths[0]))
+                        except (OSError, LoraTrainError) as exc:  # a missing card picture must not end the run
+                            job.notes.append(f"could not write the card picture of {saved[event.epoch].name}: {exc}")
                 elif isinstance(event, ev.Note):
                     job.notes.append(event.message)
                     job.message = event.message

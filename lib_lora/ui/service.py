@@ -15,6 +15,8 @@ from ..errors import BadInput
 from . import fields, projects
 from .jobs import FINISHED, RUNNING, Job, JobQueue
 
+LAST_PROJECT_FILE = ".last-project"  # in the projects folder: the project a page (re)load opens
+
 
 def describe_problem(problem) -> str:
     """A validation problem named by the tab's label ('Network rank (dim): must be at least 1')."""
@@ -44,6 +46,27 @@ class TrainService:
 
     def project_names(self) -> list[str]:
         return projects.list_projects(self.root())
+
+    def remember_project(self, name: str | None) -> None:
+        """Note the chosen project, so a page reload (or a restart) comes back to it. A convenience: a projects
+        folder that cannot be written only loses the note."""
+        if not name or name not in self.project_names():
+            return
+        from ..errors import LoraTrainError
+        from ..fsutil import atomic_write_text
+
+        try:
+            atomic_write_text(self.root() / LAST_PROJECT_FILE, name)
+        except (OSError, LoraTrainError):
+            pass
+
+    def last_project(self) -> str | None:
+        """The project chosen last (remember_project), if it still exists."""
+        try:
+            name = (self.root() / LAST_PROJECT_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name if name in self.project_names() else None
 
     def saved_values(self, project: projects.Project) -> dict[str, Any]:
         """The tab's values for a project: its last settings, else the first-LoRA defaults."""
@@ -141,7 +164,7 @@ class TrainService:
         lhs = images_times_repeats(plan.concepts, plan.repeated_images)
         accum = cfg.gradient_accumulation_steps or 1
         text = (f"{lhs} per epoch / batch {cfg.train_batch_size}" + (f" / accumulation {accum}" if accum > 1 else "")
-                + f" = {plan.steps_per_epoch} steps per epoch x {plan.epochs} epochs = {plan.total_steps} steps")
+                + f" = {plan.epochs_text()}")
         return text, plan.repeated_images, lhs
 
 

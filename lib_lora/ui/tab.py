@@ -145,8 +145,12 @@ class Tab:
 
             # choosing a project: everything, saved settings included
             every = list(self._refreshers)
-            on(self.selector.change, lambda project_name: {model: self.model_line(), **run(every, project_name)},
-               {"project_name": self.selector}, [model, self.msg, *outputs_of(every)], error_output=self.msg)
+            def choose(project_name) -> dict:
+                self.service.remember_project(project_name)  # a page reload comes back to it
+                return {model: self.model_line(), **run(every, project_name)}
+
+            on(self.selector.change, choose, {"project_name": self.selector}, [model, self.msg, *outputs_of(every)],
+               error_output=self.msg)
             # a change of the dataset: every sub-tab's data, settings the user is editing left alone
             for dependency in self._then_refresh:
                 wire_data_refresh(dependency.then, data, self._followups)
@@ -167,9 +171,10 @@ class Tab:
                            error_output=self.msg)
             wire_data_refresh(refreshed.then, data, self._followups)
             # a page (re)load: the project list and the model as they are now, not as they were at webui start
-            # (the webui loads the model in the background after building the page)
-            on(blocks.load, lambda: project_list(), {}, [self.selector, model], error_output=self.msg,
-               show_progress="hidden")
+            # (the webui loads the model in the background after building the page), and the project chosen last
+            # (its change event then loads its settings and data, as choosing it does)
+            on(blocks.load, lambda: project_list(self.service.last_project()), {}, [self.selector, model],
+               error_output=self.msg, show_progress="hidden")
             # projects made elsewhere (API, file manager, another browser) appear when the list is opened
             on(self.selector.focus, lambda: {self.selector: gr.update(choices=self.service.project_names())}, {},
                [self.selector], error_output=self.msg, show_progress="hidden")

@@ -75,10 +75,32 @@ def run_tagger(project, kind: str, threshold: float, mode: str, host=None, progr
                     torch.cuda.empty_cache()
     text = f"tagged {len(result.tagged)} of {result.images} images, {len(result.written)} captions changed"
     if result.failed:
-        text += f", {len(result.failed)} unreadable (first: {result.failed[0][0].name}: {result.failed[0][1]})"
+        text += ", " + not_tagged(result.failed)
     if result.interrupted:
         text += " (interrupted)"
     return text
+
+
+def not_tagged(failed: list[tuple[Path, str]]) -> str:
+    """'3 images not tagged: 2 share a caption file (a.jpg and a.png share a.txt: rename one), 1 could not be read
+    (b.png)'. The tagger's `failed` list holds both kinds; images that share a caption file are whole groups of
+    one folder with the same caption path, which is how they are told apart here."""
+    groups: dict[str, list[Path]] = {}
+    for path, _ in failed:
+        groups.setdefault(str(caption_path(path)).casefold(), []).append(path)
+    shared = [sorted(g, key=lambda p: p.name) for g in groups.values() if len(g) > 1]
+    in_shared = {p for g in shared for p in g}
+    unreadable = [p for p, _ in failed if p not in in_shared]
+    parts = []
+    if shared:
+        pairs = "; ".join(f"{' and '.join(p.name for p in g)} share {caption_path(g[0]).name}" for g in shared[:3])
+        more = f"; {len(shared) - 3} more groups" if len(shared) > 3 else ""
+        parts.append(f"{len(in_shared)} share a caption file ({pairs}{more}: rename one)")
+    if unreadable:
+        names = ", ".join(p.name for p in unreadable[:3]) + (f" and {len(unreadable) - 3} more"
+                                                             if len(unreadable) > 3 else "")
+        parts.append(f"{len(unreadable)} could not be read ({names})")
+    return f"{len(failed)} image{'s' if len(failed) != 1 else ''} not tagged: " + ", ".join(parts)
 
 
 def build(ctx) -> None:
@@ -109,6 +131,10 @@ def build(ctx) -> None:
                 replace_btn = gr.Button("Replace", scale=1, elem_id="lora_train_replace")
             with gr.Row():
                 undo_btn = gr.Button("Undo last edit", elem_id="lora_train_undo")
+                # shown only when Undo was refused because captions changed after the edit
+                undo_force_btn = gr.Button("Undo anyway", variant="stop", visible=False,
+                                           elem_id="lora_train_undo_force")
+                refused_edit = gr.Textbox(visible=False, elem_id="lora_train_undo_refused")
                 hist = gr.Textbox(label="Edit history (newest first)", lines=3, interactive=False,
                                   elem_id="lora_train_tag_history")
     gr.Markdown("Per-image captions: click an image and edit its caption; it is saved when you leave the box (or "
@@ -188,12 +214,30 @@ def build(ctx) -> None:
     on(prune_btn.click, do_prune, {**base, "chosen": chosen}, text_outs, error_output=ctx.msg)
     on(replace_btn.click, do_replace, {**base, "chosen": chosen, "new": new}, text_outs, error_output=ctx.msg)
 
+    undo_outs = [*text_outs, undo_force_btn, refused_edit]
+    hidden = {undo_force_btn: gr.update(visible=False), refused_edit: ""}
+
     def do_undo(project_name, image_path):
         project = ctx.project(project_name)
-        text = tagops.undo(project.dataset)
-        return {**texts(project_name, image_path), ctx.msg: message(text, "ok")}
+        try:
+            text = tagops.undo(project.dataset)
+        except tagops.UndoNeedsConsent as exc:
+            return {ctx.msg: message(str(exc), "error"), undo_force_btn: gr.update(visible=True),
+                    refused_edit: exc.entry}
+        return {**texts(project_name, image_path), ctx.msg: message(text, "ok"), **hidden}
 
-    on(undo_btn.click, do_undo, base, text_outs, error_output=ctx.msg)
+    def do_undo_anyway(project_name, image_path, refused_edit):
+        project = ctx.project(project_name)
+        text = tagops.undo(project.dataset, force=True, only=refused_edit or None)
+        return {**texts(project_name, image_path), ctx.msg: message(text + ", later changes discarded", "ok"),
+                **hidden}
+
+    on(undo_btn.click, do_undo, base, undo_outs, error_output=ctx.msg)
+    forced = on(undo_force_btn.click, do_undo_anyway, {**base, "refused_edit": refused_edit}, undo_outs,
+                error_output=ctx.msg)
+    # whatever it answered, the offer was for one refusal: gone afterwards (a refusal of its own shows Undo again)
+    forced.then(lambda: hidden, None, [undo_force_btn, refused_edit])
+    ctx.on_project_change(lambda project_name: hidden, [undo_force_btn, refused_edit], settings=True)
 
     def pick_tag(chosen, evt: gr.SelectData):
         """A click on a tag in the table adds it to the tags to edit (once); a click on a count does nothing."""

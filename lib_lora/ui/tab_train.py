@@ -65,9 +65,12 @@ def queue_rows(jobs) -> list[list]:
 
 def files_text(job) -> str:
     """Where the epochs went, then one line per file with the loader check."""
-    if job is None or not job.files:
+    if job is None or not (job.files or job.earlier_run):
         return ""
-    lines = [f"in {Path(job.files[0]).parent}:"]
+    lines = [job.earlier_run] if job.earlier_run else []
+    if not job.files:
+        return lines[0]
+    lines.append(f"in {Path(job.files[0]).parent}:")
     for i, f in enumerate(job.files):
         check = job.checks[i] if i < len(job.checks) else ""
         lines.append(f"{Path(f).name}: {check}" if check else Path(f).name)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..captions import caption_path, join_tags, read_caption, split_tags, undo_history, undo_last, write_captions
+from ..captions import (UndoConflict, caption_path, join_tags, read_caption, split_tags, undo_history, undo_last,
+                        write_captions)
 from ..errors import BadInput
 from ..tagging import tag_ops
 
@@ -73,11 +74,42 @@ def save_caption(folder: Path, image: Path, text: str) -> bool:
     return apply(folder, {caption_path(image): text.strip()}, f"edit {image.name}") > 0
 
 
-def undo(folder: Path) -> str:
-    entry = undo_last(folder)
+class UndoNeedsConsent(BadInput):
+    """Undo refused because captions were changed after the edit; `entry` names that edit (its journal file) for
+    'Undo anyway', so the button forces back the edit the user was told about and never a newer one."""
+
+    def __init__(self, message: str, entry: str):
+        super().__init__(message)
+        self.entry = entry
+
+
+def undo(folder: Path, force: bool = False, only: str | None = None) -> str:
+    """Undo the newest edit. A caption changed after it makes this refuse (UndoNeedsConsent, in the tab's words)
+    unless `force`; with `only` (the refused edit's id) forcing happens only while that edit is still the newest."""
+    if only is not None:
+        history = undo_history(folder) if folder.is_dir() else []
+        if not history or history[-1].journal.name != only:
+            raise BadInput("the edit history changed since that undo was refused; nothing was restored: press Undo "
+                           "again")
+    try:
+        entry = undo_last(folder, force=force)
+    except UndoConflict as exc:
+        names = [_shown(folder, p) for p in exc.changed]
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UndoNeedsConsent(
+            f"cannot undo '{exc.entry.label}': {len(names)} caption(s) were changed after it ({listed}); nothing "
+            "was restored. Undo anyway puts the whole edit back and loses those later changes",
+            exc.entry.journal.name) from None
     if entry is None:
         raise BadInput("nothing to undo")
     return f"undid '{entry.label}' ({entry.files} captions)"
+
+
+def _shown(folder: Path, path: Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return path.name
 
 
 def history(folder: Path) -> list[str]:

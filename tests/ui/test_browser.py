@@ -193,3 +193,14 @@ def test_short_training_shows_the_loss_plot_and_writes_epochs(page, app):
     open_tab(page, "Test")
     page.wait_for_function("() => document.querySelector('#lora_train_test_epochs').innerText.includes('sks-02')")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_reload_comes_back_with_the_last_project_and_its_data(page, app):
+    """The project choice was lost on a page reload (the tab then showed no project at all)."""
+    page.reload()
+    page.wait_for_function("() => { const i = document.querySelector('#lora_train_project input');"
+                           " return i && i.value === 'sks'; }", timeout=30000)
+    if (app["base"] / "projects" / "sks" / "project.toml").is_file():  # saved by the training's Start
+        page.wait_for_function("() => document.querySelector('#lora_train_max_train_epochs input').value === '2'")
+    open_tab(page, "Tags")
+    page.wait_for_selector("#lora_train_tag_gallery .thumbnail-item", timeout=30000)

@@ -80,8 +80,9 @@ def test_state_and_samples_stay_in_the_project_and_notes_end_with_the_phase(tmp_
     make_runner(host)(job)
 
     out = host.lora_output_dir("p")
-    # only epoch files and their cards in the Lora folder (the webui lists every .safetensors / .pt below it)
-    assert sorted(p.name for p in out.rglob("*")) == ["p-01.json", "p-01.safetensors"]
+    # only epoch files, their cards and card pictures in the Lora folder (the webui lists every .safetensors / .pt
+    # below it)
+    assert sorted(p.name for p in out.rglob("*")) == ["p-01.json", "p-01.preview.png", "p-01.safetensors"]
     assert sorted(p.name for p in (project.state / "p-state").iterdir()) == ["network.safetensors", "optimizer.pt"]
     assert [Path(p).parent for p in job.samples] == [project.samples]
     assert job.notes == ["encoding every image once (cache_latents)"]

@@ -76,7 +76,21 @@ def test_steps_line_is_images_times_repeats_times_epochs_over_batch(service):
     text, repeated, _ = service.steps_line("p", {"max_train_epochs": 1, "train_batch_size": 1,
                                                  "gradient_accumulation_steps": 2})
     assert text == ("3 x 2 (2_extra) + 4 x 5 (5_p) = 26 per epoch / batch 1 / accumulation 2 = 13 steps per epoch"
-                    " x 1 epochs = 13 steps")
+                    " x 1 epoch = 13 steps")
+
+
+def test_steps_line_reads_as_the_engines_plan_line(service):
+    """The tab built its own '... x N epochs = M steps' text ('x 1 epochs'; nothing said when max_train_steps ends
+    inside an epoch); it now ends with the engine's own epochs text for the same plan."""
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.train.steps import plan_steps
+
+    root = service.root()
+    projects.create_project(root, "p", repeats=3)
+    make_images(root / "p" / "dataset" / "3_p", 4)
+    text, repeated, _ = service.steps_line("p", {"max_train_epochs": 2, "train_batch_size": 4})
+    cfg = TrainConfig(max_train_epochs=2, train_batch_size=4)
+    assert text.endswith(" = " + plan_steps(cfg, repeated).epochs_text()) and text.endswith("x 2 epochs = 6 steps")
 
 
 def test_a_second_run_of_the_same_project_is_refused_while_the_first_waits(host):

@@ -14,6 +14,7 @@ ELEM_IDS = (
     "lora_train_max_train_epochs", "lora_train_train_batch_size", "lora_train_gradient_accumulation_steps",
     "lora_train_network_dim", "lora_train_test_run", "lora_train_merge_run", "lora_train_queue",
     "lora_train_samples", "lora_train_dupes_move", "lora_train_edit_tags", "lora_train_tagger_model_dir",
+    "lora_train_undo_force",
 )
 
 
@@ -49,3 +50,9 @@ def test_numbers_leave_range_checks_to_the_tab(host):
                  and not b.multiselect]
     # gradio 3.41 shows an empty box for a number value among number choices (Caption tokens 75 / 150 / 225)
     assert all(b.value in b.choices and all(isinstance(c, str) for c in b.choices) for b in dropdowns)
+
+
+def test_undo_anyway_is_hidden_until_an_undo_is_refused(host):
+    blocks = build_tab(host)
+    button = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "lora_train_undo_force"]
+    assert len(button) == 1 and button[0].visible is False

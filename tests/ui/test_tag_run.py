@@ -52,3 +52,22 @@ def test_a_missing_model_is_reported_before_the_queue_is_taken(tmp_path):
     with pytest.raises(BadInput, match="unknown tagger"):
         run_tagger(project, "clip", 0.35, "append", host)
     assert host.entered == []
+
+
+def test_the_status_line_tells_shared_captions_from_unreadable_images(tmp_path):
+    """Images sharing one caption file (1.png + 1.jpg) are not tagged either, but they are not 'unreadable'."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    host = QueueHost(tmp_path)
+    project = projects.create_project(host.projects_root(), "p")
+    folder = project.dataset / "10_p"
+    images = make_images(folder, 3, captions=["mine"])
+    Image.open(images[0]).save(folder / "000.jpg")  # shares 000.txt with 000.png
+    (folder / "broken.png").write_bytes(b"\x89PNG not an image")
+    text = run_tagger(project, "WD14", 0.35, "append", host, model_dir=str(build_tiny_wd14(tmp_path / "wd14")))
+    assert text.startswith("tagged 2 of 5 images"), text
+    assert "3 images not tagged" in text, text
+    assert "2 share a caption file (000.jpg and 000.png share 000.txt: rename one)" in text, text
+    assert "1 could not be read (broken.png)" in text, text
+    assert "unreadable" not in text and str(folder) not in text, text

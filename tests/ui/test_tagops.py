@@ -74,3 +74,33 @@ def test_several_tags_merge_into_one_whatever_their_spelling(tmp_path):
     assert counts == {"long hair": 2, "smile": 2, "red hair": 1}
     with pytest.raises(BadInput, match="one tag"):
         tagops.plan_replace(caps, "smile", "a, b")
+
+
+def test_undo_refused_for_a_later_edit_says_so_in_the_tabs_words_and_undo_anyway_restores(dataset):
+    """The library's refusal told a tab user to use the CLI's --force; the tab offers 'Undo anyway' instead,
+    bound to the edit it refused, so a newer edit made meanwhile is never the one forced back."""
+    project, images = dataset
+    before = images[0].with_suffix(".txt").read_bytes()
+    tagops.apply(project.dataset, tagops.plan_prune(tagops.captions_of(images), ["red"]), "remove red")
+    images[0].with_suffix(".txt").write_text("edited by hand after the batch")
+    with pytest.raises(tagops.UndoNeedsConsent) as refused:
+        tagops.undo(project.dataset)
+    text = str(refused.value)
+    assert "--force" not in text and "Undo anyway" in text and "000.txt" in text and "'remove red'" in text
+    assert images[0].with_suffix(".txt").read_text() == "edited by hand after the batch"  # nothing restored
+    assert "undid 'remove red'" in tagops.undo(project.dataset, force=True, only=refused.value.entry)
+    assert images[0].with_suffix(".txt").read_bytes() == before
+    assert images[2].with_suffix(".txt").read_text() == "dog, red"
+
+
+def test_undo_anyway_refuses_when_the_history_moved_on(dataset):
+    project, images = dataset
+    tagops.apply(project.dataset, tagops.plan_prune(tagops.captions_of(images), ["red"]), "remove red")
+    images[0].with_suffix(".txt").write_text("edited by hand")
+    with pytest.raises(tagops.UndoNeedsConsent) as refused:
+        tagops.undo(project.dataset)
+    tagops.save_caption(project.dataset, images[1], "newer edit")  # a newer journal entry
+    with pytest.raises(BadInput, match="press Undo again"):
+        tagops.undo(project.dataset, force=True, only=refused.value.entry)
+    assert images[1].with_suffix(".txt").read_text().strip() == "newer edit"
+    assert images[0].with_suffix(".txt").read_text() == "edited by hand"

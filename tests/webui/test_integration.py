@@ -149,6 +149,10 @@ def train_on_the_loaded_model(webui, arch: str, network_args: list[str] = ()) ->
     lora_dir = webui.data_dir / "models" / "Lora" / "sks"
     assert sorted(p.name for p in lora_dir.glob("*.safetensors")) == ["sks-01.safetensors", "sks-02.safetensors"]
     card = (lora_dir / "sks-02.json").read_text()
+    # each epoch's first preview is its card picture (the webui showed "NO PREVIEW" on the cards)
+    assert (lora_dir / "sks-01.preview.png").read_bytes() == Path(job["samples"][0]).read_bytes()
+    card_html = webui.get("/sd_extra_networks/get-single-card?page=lora&tabname=txt2img&name=sks-01")["html"]
+    assert "sks-01.preview.png" in card_html and "class=\"preview\"" in card_html, card_html
     assert '"activation text": "sks"' in card and f'"sd version": "{SD_VERSION[arch]}"' in card
     assert len(job["checks"]) == 2 and all(c.startswith("ok") for c in job["checks"]), job["checks"]
     assert len(job["files"]) == 2
@@ -282,11 +286,17 @@ def test_a_lora_baked_in_by_an_earlier_generation_is_removed_before_training(web
     before = txt2img(webui)
     baked = txt2img(webui, prompt=TXT2IMG["prompt"] + " <lora:sks-02:1>")
     assert baked != before
-    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": dict(TRAIN, max_train_epochs=1)})
+    earlier = (webui.data_dir / "models" / "Lora" / "sks" / "sks-02.safetensors").read_bytes()
+    # two epochs again: the merge and browser tests below use sks-02
+    status, job = webui.post("/lora-train/v1/jobs", {"project": "sks", "config": dict(TRAIN, max_train_epochs=2)})
     assert status == 201, job
     job = wait_job(webui, job["id"])
     assert job["status"] == "done", job["message"]
     assert txt2img(webui) == before
+    # a fresh run of the project: the earlier run's epochs were moved into the project's runs/, not overwritten
+    moved = list((webui.data_dir / "lora-train" / "sks" / "runs").glob("*/sks-02.safetensors"))
+    assert len(moved) == 1 and moved[0].read_bytes() == earlier, job["earlier_run"]
+    assert "2 epoch files" in job["earlier_run"]
 
 
 def test_pause_frees_the_model_for_generation_then_training_continues(webui):
