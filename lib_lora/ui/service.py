@@ -82,6 +82,7 @@ class TrainService:
         return {
             **self.host.fixed_config(info),
             "train_data_dir": str(project.dataset),
+            "dataset_config": "",  # a project trains its own folders, as its train_data_dir says
             "output_dir": str(self.host.lora_output_dir(project.name)),
             "output_name": project.name,
             "logging_dir": str(project.logs),

@@ -59,6 +59,11 @@ def test_start_saves_the_settings_and_queues_a_job(service, host):
     again = service.make_config(service.project("p"), config=dataclasses.replace(
         cfg, resume=str(state_dir(cfg)), state_dir=str(root / "elsewhere")))
     assert again.resume == str(state_dir(cfg)) and state_dir(again) == state_dir(cfg)
+    # an API config naming an sd-scripts dataset file still trains the project's own folders
+    other = root / "other.toml"
+    other.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "/nowhere"\n')
+    own = service.make_config(service.project("p"), config=dataclasses.replace(cfg, dataset_config=str(other)))
+    assert own.dataset_config == "" and own.train_data_dir == str(root / "p" / "dataset")
     assert (root / "p" / "project.toml").is_file()
     # reopening the project shows the saved settings
     assert service.saved_values(service.project("p"))["network_dim"] == 8
