@@ -8,7 +8,7 @@ the rank. `from_args` reads sd-scripts' `--network_args` strings so a kohya comm
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Mapping
 
 from ..errors import BadInput
@@ -39,6 +39,9 @@ class NetworkConfig:
     module_dropout: float | None = None
     train_unet: bool = True
     train_text_encoder: bool = True
+    # the `--network_args` strings as given to `from_args` (sd-scripts stores these, not the parsed values); not
+    # part of equality: "conv_alpha=4" and "conv_alpha=4.0" make the same network
+    given_args: tuple[tuple[str, str], ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_rank("network_dim", self.dim)
@@ -84,22 +87,28 @@ class NetworkConfig:
         `--network_dropout`. `conv_alpha` defaults to 1.0 when `conv_dim` is given (as sd-scripts)."""
         items = network_args.items() if isinstance(network_args, Mapping) else (_split_arg(a) for a in network_args)
         values: dict[str, object] = {}
+        given: dict[str, str] = {}
         for key, raw in items:
             key = key.strip()
             if key not in _ARG_FIELDS:
                 raise BadInput(f"unknown network arg {key!r} (known: {', '.join(sorted(_ARG_FIELDS))})")
             values[_ARG_FIELDS[key]] = _number(key, raw, integer=key == "conv_dim")
+            given[key] = raw.strip() if isinstance(raw, str) else _fmt(raw)
         if "conv_dim" in values and "conv_alpha" not in values:
             values["conv_alpha"] = 1.0
         if "conv_alpha" in values and "conv_dim" not in values:
             raise BadInput("conv_alpha was given without conv_dim")
         return cls(
             dim=dim, alpha=alpha, dropout=dropout, train_unet=train_unet, train_text_encoder=train_text_encoder,
-            **values,  # type: ignore[arg-type]
+            given_args=tuple(given.items()), **values,  # type: ignore[arg-type]
         )
 
     def network_args(self) -> dict[str, str]:
-        """The `--network_args` this config stands for, as sd-scripts stores them in `ss_network_args`."""
+        """The `--network_args` of this config as sd-scripts stores them in `ss_network_args`: the strings the user
+        gave to `from_args` (`conv_alpha=4` stays "4"; a defaulted conv_alpha is no arg), else, for a config built
+        directly, the args a kohya user would type for it. Empty = no args (sd-scripts then writes no key)."""
+        if self.given_args is not None:
+            return dict(self.given_args)
         out: dict[str, str] = {}
         if self.conv_dim is not None:
             out["conv_dim"] = str(self.conv_dim)
@@ -111,7 +120,7 @@ class NetworkConfig:
         return out
 
     def to_dict(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
 
     def __str__(self) -> str:
         return json.dumps(self.to_dict())
@@ -145,5 +154,7 @@ def _number(key: str, raw: object, integer: bool) -> float | int:
     return value
 
 
-def _fmt(value: float) -> str:
-    return str(float(value))
+def _fmt(value: object) -> str:
+    """A number as a user types it: 4 -> "4", 0.5 -> "0.5"."""
+    number = float(value)  # type: ignore[arg-type]
+    return str(int(number)) if number.is_integer() else str(number)

@@ -84,9 +84,9 @@ def build_metadata(
     meta: dict[str, str] = {}
     for key, value in (training or {}).items():
         meta[key if key.startswith("ss_") else f"ss_{key}"] = _text(value)
-    args = network.network_args()
-    if network.dropout:
-        args = {**args, "dropout": str(float(network.dropout))}  # sd-scripts injects it into the stored args too
+    args: dict[str, object] = dict(network.network_args())
+    if args and "dropout" not in args:
+        args["dropout"] = network.dropout  # sd-scripts injects --network_dropout (None = null) into the stored args
     meta.update({
         "ss_session_id": str(session_id if session_id is not None else random.randint(0, 2**32)),
         "ss_training_started_at": str(float(started)),
@@ -96,12 +96,15 @@ def build_metadata(
         "ss_network_dim": str(network.dim),
         "ss_network_alpha": str(network.effective_alpha),
         "ss_network_dropout": _text(network.dropout),
-        "ss_network_args": json.dumps(args),
         "ss_v2": str(arch == "sd2"),
         "ss_base_model_version": base_model_version(arch, v_prediction),
         "ss_resolution": f"({width}, {height})",
         "ss_clip_skip": _text(clip_skip),
     })
+    # sd-scripts writes the key only when --network_args were given; `training` may carry its own spelling
+    meta.pop("ss_network_args", None)
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     optional = {
         "ss_sd_model_name": base_model,
         "ss_epoch": epoch,

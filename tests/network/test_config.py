@@ -15,8 +15,22 @@ def test_from_args_reads_kohya_network_args():
     assert (cfg.dim, cfg.alpha, cfg.conv_dim, cfg.conv_alpha) == (16, 8, 8, 1.0)  # conv_alpha defaults to 1
     assert (cfg.dropout, cfg.rank_dropout, cfg.module_dropout) == (0.1, 0.1, 0.2)
     assert cfg.is_locon
-    assert cfg.network_args() == {"conv_dim": "8", "conv_alpha": "1.0", "rank_dropout": "0.1", "module_dropout": "0.2"}
+    # the args as the user gave them (sd-scripts stores its raw strings; conv_alpha's default is not an arg)
+    assert cfg.network_args() == {"conv_dim": "8", "rank_dropout": "0.1", "module_dropout": "0.2"}
     assert NetworkConfig.from_args(4, 1, {"conv_dim": "4", "conv_alpha": "2"}).effective_conv_alpha == 2.0
+
+
+def test_network_args_keep_the_strings_the_user_gave():
+    assert NetworkConfig.from_args(16, 8, ["conv_dim=8", "conv_alpha=4"]).network_args() == {"conv_dim": "8", "conv_alpha": "4"}
+    assert NetworkConfig.from_args(16, 8, {"conv_dim": 8, "conv_alpha": 0.5}).network_args() == {"conv_dim": "8", "conv_alpha": "0.5"}
+    assert NetworkConfig.from_args(16, 8, []).network_args() == {}
+    assert NetworkConfig.from_args(16, 8, [], dropout=0.1).network_args() == {}
+    # built directly (no command line): the args a kohya user would type for it
+    assert NetworkConfig(dim=4, conv_dim=8, conv_alpha=4).network_args() == {"conv_dim": "8", "conv_alpha": "4"}
+    assert NetworkConfig(dim=4, conv_dim=8, conv_alpha=0.5).network_args() == {"conv_dim": "8", "conv_alpha": "0.5"}
+    assert NetworkConfig(dim=4).network_args() == {}
+    # equal configs stay equal however they were spelled (resume compares configs)
+    assert NetworkConfig.from_args(4, 1, ["conv_dim=8", "conv_alpha=4"]) == NetworkConfig.from_args(4, 1, ["conv_dim=8", "conv_alpha=4.0"])
 
 
 def test_alpha_none_or_zero_means_rank():

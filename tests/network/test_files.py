@@ -93,7 +93,8 @@ def test_header_and_metadata_as_the_webui_reads_them(tmp_path, trained):
     assert json.loads(meta["ss_tag_frequency"]) == {"10_mychar": {"mychar": 12, "smile": 3}}
     assert json.loads(meta["ss_dataset_dirs"])["10_mychar"]["img_count"] == 12
     assert json.loads(meta["ss_bucket_info"])["buckets"]["0"]["resolution"] == [512, 512]
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    # sd-scripts: the --network_args strings as given, plus the network dropout it injects (None -> null)
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1", "dropout": None}
     assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "4", "2.0")
     assert (meta["ss_v2"], meta["ss_base_model_version"]) == ("False", "sd_v1")
     assert (meta["ss_resolution"], meta["ss_clip_skip"], meta["ss_epoch"], meta["ss_steps"]) == ("(512, 512)", "2", "3", "360")
@@ -103,6 +104,25 @@ def test_header_and_metadata_as_the_webui_reads_them(tmp_path, trained):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "diffusers"
     assert (meta["modelspec.resolution"], meta["modelspec.prediction_type"], meta["modelspec.encoder_layer"]) == ("512x512", "epsilon", "2")
+
+
+def test_network_args_key_only_when_args_were_given(tmp_path):
+    def meta_for(cfg):
+        return build_metadata(arch="sd1", output_name="x", network=cfg)
+
+    plain = meta_for(NetworkConfig.from_args(4, 1, [], dropout=0.1))
+    assert "ss_network_args" not in plain and plain["ss_network_dropout"] == "0.1"  # sd-scripts omits the key
+    assert "ss_network_args" not in meta_for(NetworkConfig(dim=4))
+    with_dropout = meta_for(NetworkConfig.from_args(4, 1, ["conv_dim=8", "conv_alpha=4"], dropout=0.1))
+    assert with_dropout["ss_network_args"] == '{"conv_dim": "8", "conv_alpha": "4", "dropout": 0.1}'
+    # a file without the key reads back and inspects like any other
+    from lib_lora.network.inspect import describe
+
+    path = save_lora(tmp_path / "plain.safetensors", {"lora_unet_a_b.lora_down.weight": torch.zeros(1, 2),
+                                                      "lora_unet_a_b.lora_up.weight": torch.zeros(2, 1)}, plain, "fp32")
+    assert "ss_network_args" not in load_lora(path)[1]
+    info = describe(path)
+    assert info["network_type"] == "LoRA" and "network args" not in info["metadata"]
 
 
 def webui_sd_version(meta: dict) -> str:

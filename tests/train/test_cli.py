@@ -41,7 +41,7 @@ def test_cli_trains_and_prints_the_plan_first(tmp_path, sd1_diffusers_dir, data_
     from lib_lora.network import read_metadata
 
     md = read_metadata(tmp_path / "out" / "cli-02.safetensors")
-    assert md["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1.0"}' and md["ss_epoch"] == "2"
+    assert md["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "1", "dropout": null}' and md["ss_epoch"] == "2"  # as sd-scripts
     assert "done: 6 steps, 2 file(s)" in out and "resuming" not in out
     # resuming says where it continues (here: the finished run's state, so nothing is left to do)
     code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
