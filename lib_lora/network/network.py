@@ -9,6 +9,7 @@ manager that restores even when the body raises.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -59,6 +60,8 @@ class LoraNetwork(nn.Module):
         self._matmul_loras: list[LoraModule] | None = None
         self._applied = False
         self._mha_before = mha_before
+        # modules of the last loaded file that were left out (see `_past_the_last_te_layer`), and why
+        self.skipped: list[str] = []
         for name, module in targets:
             if ranks is not None:
                 if name not in ranks:
@@ -210,6 +213,10 @@ class LoraNetwork(nn.Module):
         aliases = name_aliases((lora.lora_name, lora.target) for lora in self.loras())
         tensors = _own_spelling(normalise_state_dict(state_dict), set(own), aliases)
         unmatched = [name for name in module_names(tensors) if name not in own]
+        skipped = _past_the_last_te_layer(unmatched, set(own), tensors)
+        if skipped:
+            tensors = {k: v for k, v in tensors.items() if split_key(k)[0] not in skipped}
+            unmatched = []
         if unmatched:
             raise IncompatibleFile(_unmatched_message(unmatched, len(module_names(tensors))))
         updates: dict[str, torch.Tensor] = {}
@@ -235,6 +242,17 @@ class LoraNetwork(nn.Module):
             name, part = split_key(key)
             if part == "alpha":
                 own[name].sync_scale()  # written in place: the float scale each forward uses follows
+        self.skipped = skipped
+
+    @property
+    def skip_note(self) -> str | None:
+        """One line for the user when the last loaded file had modules this model never runs; None otherwise."""
+        if not self.skipped:
+            return None
+        layers = sorted({int(m.group(1)) for m in map(_TE_LAYER.match, self.skipped) if m})
+        return (f"skipped {len(self.skipped)} modules of {len(layers)} text-encoder layer "
+                f"{', '.join(map(str, layers))} (the last OpenCLIP layer: SD2 reads the penultimate one, so it never "
+                "runs; sd-scripts does not train it)")
 
     @classmethod
     def from_kohya(
@@ -255,6 +273,9 @@ class LoraNetwork(nn.Module):
         tensors = _own_spelling(normalise_state_dict(state_dict), known, name_aliases(targets))
         names = module_names(tensors)
         unmatched = [name for name in names if name not in known]
+        if _past_the_last_te_layer(unmatched, known, tensors):
+            names = [name for name in names if name in known]  # load_kohya skips (and names) the others
+            unmatched = []
         if unmatched:
             raise IncompatibleFile(_unmatched_message(unmatched, len(names)))
         ranks = {}
@@ -284,6 +305,41 @@ def _own_spelling(tensors: dict[str, torch.Tensor], known: set[str], aliases: Ma
             return tensors
         out[f"{module}.{part}"] = value
     return out
+
+
+_TE_LAYER = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_(.+)$")
+
+
+def _past_the_last_te_layer(unmatched: list[str], known: set[str], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The file's unmatched modules when all of them belong to the one SD2 text-encoder layer right after the last
+    one targeted, shaped like that layer's modules in the file; else [] (the file is refused as before).
+
+    sd-scripts trains 23 of OpenCLIP-H's 24 layers because SD2 reads the penultimate layer; other trainers write
+    layer 23 too. The webui loads such a module onto resblocks.23, which never runs, so leaving it out gives the
+    webui's result while every other stray module still makes the file "not for this model"."""
+    if not unmatched:
+        return []
+    layers = [int(m.group(1)) for m in map(_TE_LAYER.match, known) if m]
+    if not layers:
+        return []
+    last = max(layers)
+    for name in unmatched:
+        match = _TE_LAYER.match(name)
+        if match is None or int(match.group(1)) != last + 1:
+            return []
+        twin = f"lora_te_text_model_encoder_layers_{last}_{match.group(2)}"
+        if twin not in known or not _same_width(tensors, name, twin):
+            return []
+    return sorted(unmatched)
+
+
+def _same_width(tensors: Mapping[str, torch.Tensor], name: str, twin: str) -> bool:
+    """Both modules' down/up tensors agree on everything but the rank (the twin must be in the file)."""
+    for part, kept in (("lora_down.weight", slice(1, None)), ("lora_up.weight", slice(0, 1))):
+        a, b = tensors.get(f"{name}.{part}"), tensors.get(f"{twin}.{part}")
+        if a is None or b is None or tuple(a.shape[kept]) != tuple(b.shape[kept]):
+            return False
+    return True
 
 
 def _squeezable(a: torch.Size, b: torch.Size) -> bool:
