@@ -50,6 +50,7 @@ def format_text(info: dict) -> str:
         ("file", f"{info['file']} ({_size(info['size_bytes'])}, {info['tensors']} tensors: {dtypes})"),
         ("architecture", f"{info['architecture']}  [{info['architecture_source']}]"),
         ("network", info["network_type"] + (f"  [{info['network_module']}]" if info["network_module"] else "")),
+        *([("naming", info["naming"])] if info.get("naming", "kohya") != "kohya" else []),
         ("dim / alpha", _dim_alpha(info["dim_alpha"])),
         ("modules", counts),
     ]

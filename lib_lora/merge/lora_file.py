@@ -2,7 +2,8 @@
 
 The merge reads LoRA files itself, independent of lib_lora.network, and normalises what different trainers write
 at this boundary: kohya `lora_down`/`lora_up` or PEFT `lora_A`/`lora_B` spellings, diffusers/PEFT module names
-(`unet.down_blocks...`, `text_encoder.text_model...`, `text_encoder_2...`) turned into kohya names, and a missing
+(`unet.down_blocks...`, `text_encoder.text_model...`, `text_encoder_2...`, a raw PEFT `base_model.model....`) turned
+into kohya names (`network.keys.kohya_module_name`, which inspect uses too), and a missing
 `.alpha` meaning alpha = rank (scale 1). Tensors stay in the file until a module is merged (a big LoRA costs no RAM).
 
 Formats we cannot merge exactly (LoHa, LoKr, DoRA, full-weight diffs) are refused by name, never skipped silently.
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput, IncompatibleFile
-from ..network.keys import foreign_type
+from ..network.keys import foreign_type, kohya_module_name
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
 _PARTS = (
@@ -29,7 +30,6 @@ _PARTS = (
     (".alpha", "alpha"),
 )
 _FLOAT32_MAX = 3.4028234663852886e38
-_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
 
 
 @dataclass
@@ -116,22 +116,6 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _kohya_name(module: str, arch: str) -> str | None:
-    """kohya module name for a kohya or diffusers/PEFT spelled module path; None when it is neither."""
-    if module.startswith("lora_"):
-        return module
-    for prefix, part in _DIFFUSERS_PREFIXES.items():
-        if module.startswith(prefix):
-            path = module[len(prefix):]
-            if part != "unet":
-                if arch == "sdxl" and part == "te":
-                    part = "te1"
-                if not path.startswith("text_model."):
-                    path = "text_model." + path  # transformers 5 drops `text_model.` from CLIPTextModel
-            return f"lora_{part}_" + path.replace(".", "_")
-    return None
-
-
 def open_lora(path: str | Path, arch: str) -> LoraFile:
     """Read a LoRA file's header and group its tensors into modules; refuses files that are no LoRA."""
     p = Path(path)
@@ -158,7 +142,7 @@ def _group(p: Path, reader: SafetensorsFile, arch: str) -> LoraFile:
         if kind:
             raise IncompatibleFile(f"{p.name} is a {kind} file (key {key}); only LoRA / LoCon can be merged")
         split = _split_key(key)
-        name = _kohya_name(split[0], arch) if split else None
+        name = kohya_module_name(split[0], arch) if split else None
         if name is None:
             unknown.append(key)
             continue

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import IncompatibleFile
 from .files import file_model_hash, read_header
-from .keys import network_type, split_key
+from .keys import DOTTED_PARTS, kohya_module_name, network_type, split_key
 
 _DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
 # cross-attention width (attn2 to_k input) and CLIP width of the real models
@@ -27,7 +27,7 @@ def describe(path: str | os.PathLike) -> dict:
     """Everything `inspect` shows, as plain JSON-ready data. Raises IncompatibleFile for unreadable files."""
     header, _ = read_header(path)
     metadata = dict(header.pop("__metadata__", None) or {})
-    shapes = {key: tuple(entry.get("shape", ())) for key, entry in header.items()}
+    shapes, origin = _kohya_keys({key: tuple(entry.get("shape", ())) for key, entry in header.items()})
     dtypes = Counter(entry.get("dtype", "?") for entry in header.values())
     parts: dict[str, list[str]] = {}
     for key in shapes:
@@ -41,7 +41,7 @@ def describe(path: str | os.PathLike) -> dict:
             "lora_te_ module (a checkpoint, or a LoRA in another format?)"
         )
     arch, arch_source = _architecture(metadata, shapes, parts)
-    ranks = _ranks(path, shapes, parts)
+    ranks = _ranks(path, shapes, parts, origin)
     size = Path(path).stat().st_size
     info = {
         "file": str(path),
@@ -52,6 +52,7 @@ def describe(path: str | os.PathLike) -> dict:
         "architecture_source": arch_source,
         "network_type": kind,
         "network_module": metadata.get("ss_network_module"),
+        "naming": PEFT_NAMING if origin else "kohya",
         "modules": _counts(parts),
         "dim_alpha": _summarise(ranks, down_shapes),
         "per_module": ranks if _varies(ranks, down_shapes) else None,
@@ -62,6 +63,32 @@ def describe(path: str | os.PathLike) -> dict:
         "problems": _problems(ranks),
     }
     return info
+
+
+PEFT_NAMING = ("PEFT/diffusers (dotted module paths, lora_A / lora_B): `lib_lora merge` and diffusers take it; "
+               "the A1111 <lora:> loader and --network_weights need kohya names")
+
+
+def _kohya_keys(shapes: dict[str, tuple]) -> tuple[dict[str, tuple], dict[str, str]]:
+    """Dotted diffusers / PEFT keys under the kohya names the merge reads them as (`network.keys.kohya_module_name`);
+    kohya keys and anything else unchanged. Returns the renamed shapes and {kohya key: key in the file}."""
+    arch = "sdxl" if any(key.startswith("text_encoder_2.") for key in shapes) else None
+    out: dict[str, tuple] = {}
+    origin: dict[str, str] = {}
+    for key, shape in shapes.items():
+        if not key.startswith(("lora_", "lycoris_")):
+            for suffix, part in DOTTED_PARTS:
+                if key.endswith(suffix):
+                    name = kohya_module_name(key[: -len(suffix)], arch)
+                    if name is not None and f"{name}.{part}" not in out:
+                        out[f"{name}.{part}"] = shape
+                        origin[f"{name}.{part}"] = key
+                        break
+            else:
+                out[key] = shape
+            continue
+        out[key] = shape
+    return out, origin
 
 
 def _problems(ranks: dict[str, dict]) -> list[str]:
@@ -119,7 +146,7 @@ def _architecture(metadata: dict, shapes: dict, parts: dict) -> tuple[str, str]:
     return "unknown", "no metadata and no known key pattern"
 
 
-def _ranks(path, shapes: dict, parts: dict) -> dict[str, dict]:
+def _ranks(path, shapes: dict, parts: dict, origin: dict[str, str]) -> dict[str, dict]:
     """Per module: rank (first dim of its down weight) and alpha (None when the file has none)."""
     alphas = {}
     alpha_keys = [f"{m}.alpha" for m, ps in parts.items() if "alpha" in ps]
@@ -128,7 +155,7 @@ def _ranks(path, shapes: dict, parts: dict) -> dict[str, dict]:
 
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             for key in alpha_keys:
-                value = float(fh.get_tensor(key).float().reshape(-1)[0])
+                value = float(fh.get_tensor(origin.get(key, key)).float().reshape(-1)[0])
                 # NaN / inf are no JSON numbers (`--json` is for machines): spelled as strings, listed as problems
                 alphas[split_key(key)[0]] = value if math.isfinite(value) else str(value)
     out = {}

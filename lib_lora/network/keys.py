@@ -33,6 +33,45 @@ FOREIGN_TYPES = (
 )
 VARIANT_PARTS = {"lora_mid.weight": "Tucker/CP (lora_mid)", "dora_scale": "DoRA (dora_scale)"}
 
+# diffusers / PEFT module paths (`unet.down_blocks.0...`, `text_encoder.text_model...`, `text_encoder_2...`) and a
+# raw PEFT state dict's `base_model.model.` root; the merge and inspect read them under kohya names
+DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
+PEFT_ROOT = "base_model.model."
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.", "add_embedding.")
+# part suffixes of a dotted (diffusers / PEFT) key, longest first so `.lora.down.weight` is not read as `.weight`
+DOTTED_PARTS = (
+    (".lora.down.weight", "lora_down.weight"), (".lora.up.weight", "lora_up.weight"),
+    (".lora_down.weight", "lora_down.weight"), (".lora_up.weight", "lora_up.weight"),
+    (".lora_mid.weight", "lora_mid.weight"),
+    (".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"), (".alpha", "alpha"),
+)
+
+
+def kohya_module_name(path: str, arch: str | None = None) -> str | None:
+    """The kohya module name of a kohya, diffusers (`unet.` / `text_encoder.` / `text_encoder_2.`) or raw PEFT
+    (`base_model.model.<UNet or CLIP path>`) module path; None when it is none of those. `arch` 'sdxl' puts a
+    first text encoder under `lora_te1`; a raw PEFT text-encoder path counts as the first encoder."""
+    if path.startswith("lora_"):
+        return path
+    if path.startswith(PEFT_ROOT):
+        rest = path[len(PEFT_ROOT):]
+        if (rest + ".").startswith(_UNET_ROOTS):
+            path = "unet." + rest
+        elif rest.startswith(("text_model.", "encoder.layers.")):
+            path = "text_encoder." + rest
+        else:
+            return None
+    for prefix, part in DIFFUSERS_PREFIXES.items():
+        if path.startswith(prefix):
+            rest = path[len(prefix):]
+            if part != "unet":
+                if arch == "sdxl" and part == "te":
+                    part = "te1"
+                if not rest.startswith("text_model."):
+                    rest = "text_model." + rest  # transformers 5 drops `text_model.` from CLIPTextModel
+            return f"lora_{part}_" + rest.replace(".", "_")
+    return None
+
 
 def foreign_type(part: str) -> str | None:
     """The network type a part name belongs to when it is not plain LoRA / LoCon ('LoHa', 'IA3', ...), else None."""

@@ -310,3 +310,24 @@ def test_old_sd1_text_keys_without_text_model_and_ckpt_input(tmp_path, ckpts):
     out, report = run_merge(tmp_path, ckpt, [(write_lora(tmp_path / "l.safetensors", modules), 1.0)])
     assert report.modules_merged == {"te": 6, "unet": 2}
     assert_merged(out, old, expected_checkpoint(old, [(modules, targets, 1.0)]))
+
+
+def test_raw_peft_module_names(tmp_path, ckpts):
+    """A raw PEFT state dict (`base_model.model.<diffusers UNet path>` / `base_model.model.text_model...`) merges
+    into the same weights as its kohya twin (inspect describes the same file)."""
+    path, sd = ckpts["sd1"]
+    targets = [SD_UNET[1], SD1_TEXT[0]]
+    modules = make_lora(targets, sd, alpha=None)
+    peft_names = {SD_UNET[1][0]: "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                  SD1_TEXT[0][0]: "base_model.model.text_model.encoder.layers.0.self_attn.q_proj"}
+    tensors = {}
+    for name, (down, up, _) in modules.items():
+        peft = peft_names[name]
+        tensors[f"{peft}.lora_A.weight"] = down.contiguous()
+        tensors[f"{peft}.lora_B.weight"] = up.contiguous()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    out, report = run_merge(tmp_path, path, [(tmp_path / "adapter_model.safetensors", 1.0)])
+    assert report.modules_merged == {"unet": 1, "te": 1}
+    assert_merged(out, sd, expected_checkpoint(sd, [(modules, targets, 1.0)]))

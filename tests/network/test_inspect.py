@@ -136,3 +136,43 @@ def test_a_broken_alpha_is_flagged_and_json_stays_standard(tmp_path, capsys):
     lines = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
     assert code == 0 and "lora_te_text_model_encoder_layers_0_mlp_fc1" in lines["problems"]
     assert lines["dim / alpha"] == "linear 4 / varies (2, nan)"
+
+
+def _peft_file(path, prefix_unet, prefix_te, te_width=32, context=2048, extra=None):
+    """A diffusers/PEFT-named LoRA (lora_A / lora_B, dotted module paths, no alpha), as diffusers or PEFT save it."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    modules = [(f"{prefix_unet}down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", context, 64),
+               (f"{prefix_unet}down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 64, 64),
+               (f"{prefix_te}text_model.encoder.layers.0.self_attn.q_proj", te_width, te_width)]
+    for name, width_in, width_out in modules + list(extra or ()):
+        tensors[f"{name}.lora_A.weight"] = torch.randn(8, width_in, generator=gen)
+        tensors[f"{name}.lora_B.weight"] = torch.zeros(width_out, 8)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_peft_named_file_is_described_like_the_merge_reads_it(tmp_path, capsys):
+    path = _peft_file(tmp_path / "pytorch_lora_weights.safetensors", "unet.", "text_encoder.",
+                      extra=[("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", 32, 128)])
+    code, out, err = run_cli(capsys, path, "--json")
+    assert code == 0 and err == "", err
+    info = json.loads(out)
+    assert info["architecture"] == "SDXL" and info["network_type"] == "LoRA"
+    assert info["modules"] == {"unet": 2, "te1": 1, "te2": 1}
+    assert info["dim_alpha"] == {"linear": {"dim": 8, "alpha": None}}
+    assert info["naming"].startswith("PEFT/diffusers")
+    assert "lib_lora merge" in info["naming"] and "A1111" in info["naming"]
+    code, out, _ = run_cli(capsys, path)
+    assert code == 0 and "naming:" in out and "PEFT/diffusers" in out and "not a kohya" not in out
+    # a raw PEFT state dict (base_model.model.<diffusers UNet path>), SD1 by its cross-attention width
+    raw = _peft_file(tmp_path / "adapter_model.safetensors", "base_model.model.", "base_model.model.", te_width=768,
+                     context=768)
+    code, out, _ = run_cli(capsys, raw, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["architecture"] == "SD1" and info["modules"] == {"unet": 2, "te": 1}
+
+
+def test_our_file_is_kohya_named(capsys, our_file):
+    info = json.loads(run_cli(capsys, our_file, "--json")[1])
+    assert info["naming"] == "kohya"
