@@ -40,7 +40,14 @@ def _dim_alpha(summary: dict) -> str:
             return "varies (" + ", ".join("none" if v is None else _number(v) for v in value) + ")"
         return "none (= dim)" if value is None else _number(value)
 
-    return ", ".join(f"{kind} {show(v['dim'])} / {show(v['alpha'])}" for kind, v in summary.items())
+    def scale(value: dict) -> str:
+        """alpha / dim, the factor the LoRA's update is multiplied by (kohya users reason in it)."""
+        dim, alpha = value["dim"], value["alpha"]
+        if isinstance(dim, int) and dim > 0 and isinstance(alpha, (int, float)):
+            return f" (scale {alpha / dim:g})"
+        return ""
+
+    return ", ".join(f"{kind} {show(v['dim'])} / {show(v['alpha'])}{scale(v)}" for kind, v in summary.items())
 
 
 def format_text(info: dict) -> str:

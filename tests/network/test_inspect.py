@@ -40,7 +40,7 @@ def test_text_output_of_our_file(capsys, our_file):
     lines = {k.strip(): v.strip() for k, v in lines.items()}
     assert lines["architecture"].startswith("SD1")
     assert lines["network"].startswith("LoCon")
-    assert lines["dim / alpha"] == "linear 4 / 2, conv 2 / 1"
+    assert lines["dim / alpha"] == "linear 4 / 2 (scale 0.5), conv 2 / 1 (scale 0.5)"  # the scale kohya users reason in
     assert lines["modules"] == "UNet 79, TE 12"
     assert lines["output name"] == "mylora-03"
     assert lines["base model"] == "v1-5.safetensors"
