@@ -207,6 +207,7 @@ _SHOWN = (
     ("ss_network_dim", "network dim"),
     ("ss_network_alpha", "network alpha"),
     ("ss_network_args", "network args"),
+    ("ss_network_dropout", "network dropout"),
     ("ss_clip_skip", "clip skip"),
     ("ss_learning_rate", "learning rate"),
     ("ss_optimizer", "optimizer"),

@@ -123,6 +123,7 @@ def test_network_args_key_only_when_args_were_given(tmp_path):
     assert "ss_network_args" not in load_lora(path)[1]
     info = describe(path)
     assert info["network_type"] == "LoRA" and "network args" not in info["metadata"]
+    assert info["metadata"]["network dropout"] == "0.1"  # without args the dropout is only in ss_network_dropout
 
 
 def webui_sd_version(meta: dict) -> str:
