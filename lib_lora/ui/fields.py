@@ -158,7 +158,9 @@ def to_config_values(values: Mapping[str, Any]) -> dict[str, Any]:
     conv_dim = out.pop("conv_dim", None)
     conv_alpha = out.pop("conv_alpha", None)
     if conv_dim:
-        out["network_args"] = (f"conv_dim={int(conv_dim)}", f"conv_alpha={conv_alpha if conv_alpha is not None else 1}")
+        alpha = 1 if conv_alpha is None else float(conv_alpha)
+        # the file's ss_network_args keeps these strings (as sd-scripts does): a whole number reads "4", not "4.0"
+        out["network_args"] = (f"conv_dim={int(conv_dim)}", f"conv_alpha={int(alpha) if alpha.is_integer() else alpha}")
     if out.get("max_token_length") in ("", None):
         out["max_token_length"] = None
     elif "max_token_length" in out:

@@ -33,7 +33,8 @@ def test_values_round_trip_through_a_config():
     values = dict(fields.defaults(), network_dim=32, conv_dim=4, conv_alpha=2.0, text_encoder_lr=0.0,
                   optimizer_args="weight_decay=0.1 betas=0.9,0.99", sample_prompts="a cat\n\nA dog", seed=-1)
     cfg = fields.build_config(values, {})
-    assert cfg.network_args == ("conv_dim=4", "conv_alpha=2.0")
+    assert cfg.network_args == ("conv_dim=4", "conv_alpha=2")  # as typed in sd-scripts' ss_network_args, not "2.0"
+    assert fields.build_config(dict(values, conv_alpha=0.5), {}).network_args == ("conv_dim=4", "conv_alpha=0.5")
     assert cfg.network_train_unet_only and cfg.seed is None
     assert cfg.optimizer_args == ("weight_decay=0.1", "betas=0.9,0.99")
     assert cfg.sample_prompts == ("a cat", "A dog")
