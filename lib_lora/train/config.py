@@ -90,7 +90,10 @@ class TrainConfig:
     network_train_text_encoder_only: bool = _f(False, "train the text encoder modules only", "network")
 
     # -- optimizer and schedule
-    optimizer_type: str = _f("AdamW", "optimizer", "optimizer", OPTIMIZERS)
+    optimizer_type: str = _f("AdamW", "optimizer; also sd-scripts' SGDNesterov, SGDNesterov8bit, Lion8bit, PagedAdamW, "
+                             "PagedAdamW8bit, PagedAdamW32bit, PagedLion8bit (bitsandbytes, CUDA), DAdaptation, DAdaptAdam, "
+                             "DAdaptAdaGrad, DAdaptAdan, DAdaptLion, DAdaptSGD (pip install dadaptation), or a class path "
+                             "such as torch.optim.RAdam", "optimizer", OPTIMIZERS)
     optimizer_args: tuple[str, ...] = _f((), "optimizer options 'k=v', e.g. weight_decay=0.01 betas=0.9,0.99", "optimizer")
     learning_rate: float = _f(1e-4, "learning rate (about 1.0 for Prodigy)", "optimizer")
     unet_lr: float | None = _f(None, "UNet learning rate (default: learning_rate)", "optimizer")
