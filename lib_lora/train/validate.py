@@ -127,7 +127,9 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("sdxl", "v2 and sdxl are both set; a model is one or the other")
     if cfg.v_parameterization and not (cfg.v2 or cfg.sdxl):
         add("v_parameterization", "is set for an SD 1.x model; only SD 2.x 768-v models predict v", "warning")
-    if cfg.vae and not Path(cfg.vae).exists():
+    if cfg.vae and not need_model_path:  # the host's loaded model (the webui) encodes with its own VAE
+        add("vae", "is not used here: the loaded model encodes with its own VAE (in the webui: Settings > SD VAE)", "warning")
+    elif cfg.vae and not Path(cfg.vae).exists():
         add("vae", f"{cfg.vae} does not exist")
     if cfg.clip_skip is not None and not 1 <= cfg.clip_skip <= 12:
         add("clip_skip", f"{cfg.clip_skip} is outside 1..12")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+from lib_lora.cli import main
+from tests.fixtures.images import make_dataset
+from tests.fixtures.vae_files import tiny_ldm_shaped_vae, write_vae_file
 
-from lib_lora.cli import main  # noqa: E402
-from tests.fixtures.images import make_dataset  # noqa: E402
-from tests.fixtures.vae_files import tiny_ldm_shaped_vae, write_vae_file  # noqa: E402
+needs_diffusers = pytest.mark.skipif(__import__("importlib").util.find_spec("diffusers") is None, reason="needs diffusers")
 
 
 def _args(model, data, out, *extra):
@@ -30,6 +30,7 @@ def _latents(data) -> dict[str, np.ndarray]:
     return out
 
 
+@needs_diffusers
 def test_cli_trains_on_the_given_vaes_latents(tmp_path, sd1_diffusers_dir, capsys):
     vae = tiny_ldm_shaped_vae(seed=11)
     vae_file = write_vae_file(vae, tmp_path / "my-vae.safetensors")
@@ -61,6 +62,7 @@ def test_cli_trains_on_the_given_vaes_latents(tmp_path, sd1_diffusers_dir, capsy
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
 
 
+@needs_diffusers
 def test_cli_refuses_a_file_that_is_not_a_vae_with_one_line(tmp_path, sd1_diffusers_dir, capsys):
     from safetensors.torch import save_file
 
@@ -71,3 +73,15 @@ def test_cli_refuses_a_file_that_is_not_a_vae_with_one_line(tmp_path, sd1_diffus
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert err == [err[0]] and "not-a-vae.safetensors is not a VAE" in err[0]
     assert not list((tmp_path / "out").glob("*.safetensors")) if (tmp_path / "out").exists() else True
+
+
+def test_validate_says_a_host_model_ignores_vae(tmp_path):
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.train.validate import validate
+
+    data = make_dataset(tmp_path / "img", {"cat": 1}, per_concept=1)
+    cfg = TrainConfig(train_data_dir=str(data), output_dir=str(tmp_path / "o"), vae=str(tmp_path / "missing.safetensors"))
+    cli = [p for p in validate(cfg) if p.field == "vae"]
+    assert [(p.severity, "does not exist" in p.message) for p in cli] == [("error", True)]
+    host = [p for p in validate(cfg, need_model_path=False) if p.field == "vae"]
+    assert [(p.severity, "own VAE" in p.message) for p in host] == [("warning", True)]
