@@ -10,6 +10,7 @@ shape (channels, 1/8 scale) is refused: it would train on latents the UNet never
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -106,6 +107,13 @@ def _from_folder(path: Path, dtype):
             sub = {"subfolder": "vae"}
         else:
             raise BadInput(f"VAE folder {path.name} has no config.json (nor vae/config.json): not a diffusers AutoencoderKL")
+    config_file = path / sub.get("subfolder", "") / "config.json"
+    try:
+        kind = json.loads(config_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind not in (None, "AutoencoderKL"):
+        raise IncompatibleFile(f"{path.name} is not a VAE folder: its config.json is for {kind}, not AutoencoderKL")
     try:
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, **sub)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:

@@ -66,5 +66,8 @@ def cuda_message(name: str) -> str:
 
 
 def unknown_message(name: str) -> str:
+    if name.lower().endswith("schedulefree"):
+        return (f"optimizer_type {name}: schedule-free optimizers are not supported (they need a train / eval switch "
+                "around every preview and save)")
     return (f"optimizer_type {name!r} is not one of {', '.join(NAMED_OPTIMIZERS)}, nor a torch.optim class or a class "
             "path such as torch.optim.RAdam")

@@ -115,6 +115,7 @@ def test_what_is_not_a_fitting_vae_is_one_line(sd1_diffusers_dir, tmp_path):
     empty_folder = tmp_path / "empty"
     empty_folder.mkdir()
     cases[empty_folder] = "no config.json"
+    cases[sd1_diffusers_dir / "unet"] = "is not a VAE folder: its config.json is for UNet2DConditionModel"
     for path, words in cases.items():
         with pytest.raises(LoraTrainError) as info:
             DiffusersBackend.load(sd1_diffusers_dir, vae=path)

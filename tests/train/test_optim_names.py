@@ -93,6 +93,7 @@ def test_prodigy_by_class_path():
     ("torch.nn.Linear", "not a torch.optim.Optimizer"),
     ("torch.optim.lr_scheduler", "not a torch.optim.Optimizer"),
     ("NoSuchName", "SGDNesterov"),  # an unknown bare name lists the names we know
+    ("AdamWScheduleFree", "schedule-free optimizers are not supported"),
 ])
 def test_a_bad_class_path_is_one_clear_line(name, words):
     with pytest.raises(BadInput) as info:
