@@ -86,6 +86,48 @@ def _vae_key(key: str, levels: int) -> str | None:
     return None
 
 
+_VAE_RESNET_BACK = {v: k for k, v in _VAE_RESNET.items()}
+_VAE_ATTN_BACK = {v: k for k, v in _VAE_ATTN.items()}
+_VAE_TOP_BACK = {v: k for k, v in _VAE_TOP.items()}
+
+
+def vae_to_ldm(diffusers_vae: dict, levels: int) -> dict:
+    """diffusers AutoencoderKL keys -> ldm keys (the layout of separate VAE files): the inverse of
+    `vae_to_diffusers`, the mid attention's linear weights back to 1x1 convs."""
+    out = {}
+    for key, value in diffusers_vae.items():
+        new = _vae_ldm_key(key, levels)
+        if new is None:
+            raise IncompatibleFile(f"not a diffusers AutoencoderKL key: {key}")
+        if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def _vae_ldm_key(key: str, levels: int) -> str | None:
+    if key.startswith(("quant_conv.", "post_quant_conv.")):
+        return key
+    m = re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets\.(\d+)|downsamplers\.0|upsamplers\.0)\.(.*)$", key)
+    if m:
+        side, way, level = m[1], m[2], int(m[3])
+        level = level if way == "down" else levels - 1 - level
+        if m[5] is not None:
+            part, leaf = m[6].rsplit(".", 1)
+            return f"{side}.{way}.{level}.block.{m[5]}.{_VAE_RESNET_BACK.get(part, part)}.{leaf}"
+        return f"{side}.{way}.{level}.{'downsample' if way == 'down' else 'upsample'}.{m[6]}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)\.(weight|bias)$", key)
+    if m:
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_VAE_RESNET_BACK.get(m[3], m[3])}.{m[4]}"
+    m = re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", key)
+    if m and m[2] in _VAE_ATTN_BACK:
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTN_BACK[m[2]]}.{m[3]}"
+    m = re.match(r"(encoder|decoder)\.(conv_in|conv_out|conv_norm_out)\.(weight|bias)$", key)
+    if m:
+        return f"{m[1]}.{_VAE_TOP_BACK.get(m[2], m[2])}.{m[3]}"
+    return None
+
+
 # ---- text encoders ------------------------------------------------------------------------------------------------
 def hf_clip_keys(state: dict) -> dict:
     """HF CLIP keys in transformers-4 spelling (old checkpoints lack `text_model.`); position_ids dropped."""

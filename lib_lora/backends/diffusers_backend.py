@@ -155,17 +155,43 @@ class DiffusersBackend(Backend):
                    alphas_cumprod=parts["alphas_cumprod"], device=device)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs) -> "DiffusersBackend":
-        """A diffusers folder or a single checkpoint file, whichever `path` is."""
+    def load(cls, path: str | os.PathLike, *, vae: str | os.PathLike | None = None, **kwargs) -> "DiffusersBackend":
+        """A diffusers folder or a single checkpoint file, whichever `path` is; `vae` = a separate VAE (use_vae)."""
         p = Path(path)
+        if vae:  # before minutes of model loading
+            from .vae_file import precheck_vae
+
+            precheck_vae(vae)
         if p.is_dir():
             kwargs.pop("config", None)
-            return cls.from_pretrained(p, **kwargs)
-        if p.is_file():
-            return cls.from_single_file(p, **kwargs)
-        raise BadInput(f"model not found: {p}")
+            backend = cls.from_pretrained(p, **kwargs)
+        elif p.is_file():
+            backend = cls.from_single_file(p, **kwargs)
+        else:
+            raise BadInput(f"model not found: {p}")
+        if vae:
+            backend.use_vae(vae)
+        return backend
+
+    def use_vae(self, path: str | os.PathLike) -> None:
+        """Replace the model's VAE by the one at `path` (vae_file.py: ldm-named file, whole checkpoint or diffusers
+        folder), in the dtype and on the device of the model's own, with the model's latent scale. Latents and
+        previews then use it; `vae_id` changes so cached latents of the other VAE are not reused."""
+        from .vae_file import load_vae, vae_fingerprint
+
+        self.vae = load_vae(path, like=self.vae)
+        self.vae_name = Path(path).name
+        self._vae_id = f"{self.arch}:vae:{vae_fingerprint(path)}"
 
     # ---- facts ------------------------------------------------------------------------------------------------
+    vae_name: str | None = None  # the separate VAE's file or folder name (use_vae), else None
+    _vae_id: str | None = None
+
+    @property
+    def vae_id(self) -> str:
+        """Names the VAE for the latent cache: the arch for the model's own, plus a fingerprint for a separate one."""
+        return self._vae_id or self.arch
+
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         if self._alphas.device != self.device:

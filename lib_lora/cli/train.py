@@ -28,7 +28,7 @@ _IGNORED_VALUES = ("max_data_loader_n_workers", "save_model_as", "vae_batch_size
 _LENIENT_CHOICES = ("optimizer_type", "lr_scheduler", "save_precision")
 
 # what the CLI does not do yet (the tab may): said in --help, refused when given
-_CLI_LIMITS = {"vae": "not supported by the CLI yet: bake the VAE into the model"}
+_CLI_LIMITS: dict[str, str] = {}
 
 
 def _warmup(text: str) -> int | float:
@@ -252,11 +252,10 @@ def _say_missing_captions(dataset, extension: str, say, subsets: bool = False) -
 
 def _load_backend(cfg: TrainConfig, device):
     """The model for the CLI: a diffusers folder or a single-file checkpoint, through lib_lora.backends. On a GPU
-    with fp16/bf16 mixed precision the base weights load in that dtype (half the memory; the VAE stays fp32)."""
+    with fp16/bf16 mixed precision the base weights load in that dtype (half the memory; the VAE stays fp32).
+    `--vae` replaces the model's VAE (an ldm-named file or a diffusers folder, in the run's VAE dtype)."""
     from ..backends import load_backend
 
-    if cfg.vae:
-        raise BadInput("a separate --vae is not supported by the CLI yet: bake it into the model or leave it out")
     half = cfg.mixed_precision if device.type == "cuda" and cfg.mixed_precision in ("fp16", "bf16") else None
     return load_backend(cfg.pretrained_model_name_or_path, device=device, dtype=half, vae_dtype="fp32" if half else None,
-                        prediction_type="v_prediction" if cfg.v_parameterization else None)
+                        prediction_type="v_prediction" if cfg.v_parameterization else None, vae=cfg.vae or None)

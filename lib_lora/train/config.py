@@ -46,7 +46,9 @@ class TrainConfig:
     v2: bool = _f(False, "the base model is SD 2.x", "model")
     v_parameterization: bool = _f(False, "the base model predicts v (SD 2.x 768-v); loss uses the v target", "model")
     sdxl: bool = _f(False, "the base model is SDXL", "model")
-    vae: str = _f("", "a separate VAE file or folder (optional)", "model")
+    vae: str = _f("", "a separate VAE (optional): a .safetensors / .ckpt / .pt file in ldm names (as in the webui's "
+                  "models/VAE) or a diffusers AutoencoderKL folder; replaces the model's VAE for latents and previews "
+                  "(CLI; inside the webui the webui's selected VAE is used)", "model")
     clip_skip: int | None = _f(None, "use the output of the n-th last text-encoder layer (1 = last; 2 for anime models)", "model")
     max_token_length: int | None = _f(None, "caption tokens: 75, 150 or 225 (chunks of 75, as the webui does)", "model", TOKEN_LENGTHS)
 
@@ -90,7 +92,10 @@ class TrainConfig:
     network_train_text_encoder_only: bool = _f(False, "train the text encoder modules only", "network")
 
     # -- optimizer and schedule
-    optimizer_type: str = _f("AdamW", "optimizer", "optimizer", OPTIMIZERS)
+    optimizer_type: str = _f("AdamW", "optimizer; also sd-scripts' SGDNesterov, SGDNesterov8bit, Lion8bit, PagedAdamW, "
+                             "PagedAdamW8bit, PagedAdamW32bit, PagedLion8bit (bitsandbytes, CUDA), DAdaptation, DAdaptAdam, "
+                             "DAdaptAdaGrad, DAdaptAdan, DAdaptLion, DAdaptSGD (pip install dadaptation), or a class path "
+                             "such as torch.optim.RAdam", "optimizer", OPTIMIZERS)
     optimizer_args: tuple[str, ...] = _f((), "optimizer options 'k=v', e.g. weight_decay=0.01 betas=0.9,0.99", "optimizer")
     learning_rate: float = _f(1e-4, "learning rate (about 1.0 for Prodigy)", "optimizer")
     unet_lr: float | None = _f(None, "UNet learning rate (default: learning_rate)", "optimizer")

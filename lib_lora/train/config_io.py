@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import BadInput
 from ..fsutil import atomic_write_text
+from .optim_names import canonical_optimizer
 from .config import (
     CONFIG_VERSION, DYNAMO_BACKENDS, DYNAMO_MODES, OPTIMIZERS, SCHEDULERS, TrainConfig, field_info, field_names, field_types,
 )
@@ -205,8 +206,8 @@ _CHOICE_ALIASES = {"save_precision": {"float": "fp32", "full": "fp32"}, "mixed_p
 def _normalise_choice(name: str, value: str) -> str:
     """Case-insensitive match on a field's choices (sd-scripts lower-cases optimizer names)."""
     value = _CHOICE_ALIASES.get(name, {}).get(value.strip().lower(), value)
-    if name == "optimizer_type" and value.strip() == "":
-        return "AdamW"
+    if name == "optimizer_type":
+        return canonical_optimizer(value)
     pool = {"optimizer_type": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "dynamo_backend": DYNAMO_BACKENDS,
             "dynamo_mode": DYNAMO_MODES}.get(name)
     if pool:

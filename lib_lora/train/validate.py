@@ -18,6 +18,10 @@ from .config import (
     DYNAMO_BACKENDS, DYNAMO_MODES, LOG_WITH, MIXED_PRECISIONS, NETWORK_MODULES, OPTIMIZERS, SAMPLERS, SAVE_PRECISIONS, SCHEDULERS, TOKEN_LENGTHS,
     TrainConfig, field_names, resolution_wh, sample_prompt_lines,
 )
+from .optim_names import (
+    NAMED_OPTIMIZERS, adapts_its_own_rate, canonical_optimizer, cuda_message, is_class_path, needs_cuda, package_of, pip_hint,
+    unknown_message,
+)
 from .steps import count_concepts
 
 
@@ -32,7 +36,7 @@ class Problem:
 
 
 # optimizer -> the module it needs (None: torch or transformers, always there)
-OPTIMIZER_PACKAGES = {"AdamW": None, "AdamW8bit": "bitsandbytes", "Adafactor": None, "Prodigy": "prodigyopt", "Lion": "lion_pytorch"}
+OPTIMIZER_PACKAGES = NAMED_OPTIMIZERS
 
 
 def _torch_without_cuda() -> bool:
@@ -40,6 +44,37 @@ def _torch_without_cuda() -> bool:
     said here; the optimizer's own check speaks when the run starts."""
     torch = sys.modules.get("torch")
     return torch is not None and not torch.cuda.is_available()
+
+
+def _optimizer_problems(cfg: TrainConfig) -> list[Problem]:
+    """A name we know (any letter case) or a class path; its package there; bitsandbytes only with CUDA. A class
+    path or a bare torch.optim name is resolved only when torch is already loaded (never imported here)."""
+    from .config import effective_lrs
+
+    name = canonical_optimizer(cfg.optimizer_type)
+    out: list[Problem] = []
+    package = package_of(name)
+    if needs_cuda(name) and _torch_without_cuda():
+        return [Problem("optimizer_type", cuda_message(name).removeprefix("optimizer_type "))]
+    if package and importlib.util.find_spec(package) is None:
+        out.append(Problem("optimizer_type", f"{name} needs the '{package}' package ({pip_hint(package)})" if name in NAMED_OPTIMIZERS
+                           else f"{name}: module {package} is not installed ({pip_hint(package)}?)"))
+    elif name not in NAMED_OPTIMIZERS and (is_class_path(name) or "torch" in sys.modules):
+        if "torch" in sys.modules:
+            from .optim import resolve_optimizer_class
+
+            try:
+                resolve_optimizer_class(name)
+            except BadInput as exc:
+                out.append(Problem("optimizer_type", str(exc).removeprefix("optimizer_type ")))
+    elif name not in NAMED_OPTIMIZERS and not name.isidentifier():
+        out.append(Problem("optimizer_type", unknown_message(name).removeprefix("optimizer_type ")))
+    if adapts_its_own_rate(name):
+        low = [f"{what} {lr:g}" for what, lr in zip(("unet", "text encoder"), effective_lrs(cfg)) if 0 < lr <= 0.1]
+        if low:
+            out.append(Problem("learning_rate", f"{name} finds its own step size and multiplies it by the learning rate: "
+                               f"set the learning rates around 1.0 ({', '.join(low)}: likely far too low)", "warning"))
+    return out
 
 
 def _kv_problems(name: str, items: tuple[str, ...]) -> list[Problem]:
@@ -92,7 +127,9 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("sdxl", "v2 and sdxl are both set; a model is one or the other")
     if cfg.v_parameterization and not (cfg.v2 or cfg.sdxl):
         add("v_parameterization", "is set for an SD 1.x model; only SD 2.x 768-v models predict v", "warning")
-    if cfg.vae and not Path(cfg.vae).exists():
+    if cfg.vae and not need_model_path:  # the host's loaded model (the webui) encodes with its own VAE
+        add("vae", "is not used here: the loaded model encodes with its own VAE (in the webui: Settings > SD VAE)", "warning")
+    elif cfg.vae and not Path(cfg.vae).exists():
         add("vae", f"{cfg.vae} does not exist")
     if cfg.clip_skip is not None and not 1 <= cfg.clip_skip <= 12:
         add("clip_skip", f"{cfg.clip_skip} is outside 1..12")
@@ -165,14 +202,7 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("network_train_unet_only", "network_train_text_encoder_only is set too: nothing would train")
 
     # optimizer and schedule
-    if cfg.optimizer_type not in OPTIMIZERS:
-        add("optimizer_type", f"{cfg.optimizer_type!r} is not one of {', '.join(OPTIMIZERS)}")
-    elif cfg.optimizer_type == "AdamW8bit" and _torch_without_cuda():
-        add("optimizer_type", "AdamW8bit needs an NVIDIA GPU (bitsandbytes runs on CUDA only); use AdamW on this machine")
-    else:
-        package = OPTIMIZER_PACKAGES[cfg.optimizer_type]
-        if package and importlib.util.find_spec(package) is None:
-            add("optimizer_type", f"{cfg.optimizer_type} needs the '{package}' package (pip install {package})")
+    out += _optimizer_problems(cfg)
     out += _kv_problems("optimizer_args", cfg.optimizer_args)
     for lr in ("learning_rate", "unet_lr", "text_encoder_lr"):
         value = getattr(cfg, lr)
