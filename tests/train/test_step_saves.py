@@ -179,3 +179,17 @@ def test_step_options_from_toml_kohya_ss_and_the_cli(tmp_path):
     assert from_kohya_ss({"save_every_n_steps": 200}).save_every_n_steps == 200
     # where and how often files are written is not a changed run: a resume with other step settings is exact
     assert settings_digest(cfg) == settings_digest(TrainConfig())
+
+    import argparse
+
+    from lib_lora.cli.train import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--save_every_n_steps", "200", "--save_last_n_steps", "600", "--save_last_n_steps_state",
+                              "400", "--sample_every_n_steps", "100"])
+    notes: list[str] = []
+    cli = config_from_args(args, notes)
+    assert (cli.save_every_n_steps, cli.save_last_n_steps, cli.save_last_n_steps_state, cli.sample_every_n_steps) == (
+        200, 600, 400, 100)
+    assert not [n for n in notes if "every_n_steps" in n or "last_n_steps" in n]  # used, not "ignored"
