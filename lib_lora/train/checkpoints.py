@@ -58,9 +58,10 @@ class StepOutputs:
             for path in _older(Path(cfg.output_dir), pattern, step - keep, every, is_dir=False):
                 for other in path.parent.glob(f"{glob.escape(path.stem)}.*"):  # the card and card picture go with it
                     other.unlink(missing_ok=True)
-                self.files = [f for f in self.files if Path(f) != path]
-                self.state.saved_files = list(self.files)
                 yield Note(f"removed {path.name} (save_last_n_steps = {keep})")
+            # also those a resumed run's state lists but an earlier run (or another output_dir) removed or holds
+            self.files = [f for f in self.files if not _is_older(Path(f).name, pattern, step - keep, every)]
+            self.state.saved_files = list(self.files)
         if keep_states and cfg.save_state:
             pattern = re.compile(rf"^{name}-step(\d{{8}})-state$")
             for folder in _older(step_state_dir(cfg, step).parent, pattern, step - keep_states, every, is_dir=True):
@@ -68,15 +69,15 @@ class StepOutputs:
                 yield Note(f"removed state {folder.name} (save_last_n_steps_state = {keep_states})")
 
 
+def _is_older(name: str, pattern: re.Pattern, below: int, every: int) -> bool:
+    """`name` is a save of the step schedule made before step `below`."""
+    m = pattern.match(name)
+    return bool(m) and 0 < int(m.group(1)) < below and int(m.group(1)) % every == 0
+
+
 def _older(folder: Path, pattern: re.Pattern, below: int, every: int, *, is_dir: bool) -> list[Path]:
     """Saves of the step schedule in `folder` made before step `below`, oldest first."""
     if not folder.is_dir():
         return []
-    found = []
-    for p in folder.iterdir():
-        m = pattern.match(p.name)
-        if m and p.is_dir() == is_dir:
-            s = int(m.group(1))
-            if 0 < s < below and s % every == 0:
-                found.append((s, p))
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.iterdir() if p.is_dir() == is_dir and _is_older(p.name, pattern, below, every)),
+                  key=lambda p: p.name)  # 8-digit steps: the name order is the step order

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_resume_from_a_step_state_gives_the_uninterrupted_weights(tmp_path, data
     run_training(_cfg(tmp_path / "plain", data_dir, **EXACT), backend)
     expected = _weights(tmp_path / "plain" / "tiny.safetensors")
 
-    stepped = _cfg(tmp_path / "a", data_dir, save_every_n_steps=2, save_state=True,
+    stepped = _cfg(tmp_path / "a", data_dir, save_every_n_steps=2, save_last_n_steps=2, save_last_n_steps_state=8, save_state=True,
                    sample_every_n_steps=3, sample_prompts=("mychar --w 64 --h 64 --s 2",), **EXACT)
     run_training(stepped, backend)
     got = _weights(tmp_path / "a" / "tiny.safetensors")  # saving and sampling at steps leave the numbers alone
@@ -131,9 +132,12 @@ def test_resume_from_a_step_state_gives_the_uninterrupted_weights(tmp_path, data
         assert next(e for e in events if isinstance(e, Started)).start_step == step and isinstance(events[-1], Done)
         got = _weights(out / "tiny.safetensors")
         assert all(torch.equal(got[k], expected[k]) for k in expected), f"resumed from step {step}"
-        # the resumed run saves the later steps only
+        # the resumed run saves the later steps only; its list of files names none that save_last_n_steps removed
         assert sorted(p.name for p in out.glob("tiny-step*.safetensors")) == [
             f"tiny-step{s:08d}.safetensors" for s in range(step + 2, 10, 2)]
+        assert [_name(f) for f in events[-1].files] == ["tiny-step00000006.safetensors", "tiny-step00000008.safetensors",
+                                                         "tiny.safetensors"]
+        assert all(Path(f).is_file() for f in events[-1].files)
 
 
 def _good(tmp_path, **kw) -> TrainConfig:
