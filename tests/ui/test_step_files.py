@@ -45,6 +45,10 @@ def test_step_files_stay_out_of_the_epoch_list_get_their_own_preview_and_move_as
         assert (out / f"p-step{step:08d}.json").is_file()
     assert not list(out.glob("p-0?.preview.png"))  # no epoch previews asked for: an epoch card gets no step's picture
 
+    from lib_lora.ui.tab_train import sample_items
+
+    assert [label for _, label in sample_items(job)] == ["step 2, prompt 1", "step 1, prompt 1"]
+
     found = earlier_run_files(cfg, project.path)
     assert {p.name for p in found["lora"]} >= {"p-step00000001.safetensors", "p-step00000001.json",
                                                "p-step00000001.preview.png", "p-step00000002.safetensors"}
