@@ -56,8 +56,12 @@ class StepOutputs:
         if keep:
             pattern = re.compile(rf"^{name}-step(\d{{8}})\.safetensors$")
             for path in _older(Path(cfg.output_dir), pattern, step - keep, every, is_dir=False):
-                for other in path.parent.glob(f"{glob.escape(path.stem)}.*"):  # the card and card picture go with it
-                    other.unlink(missing_ok=True)
+                try:
+                    for other in path.parent.glob(f"{glob.escape(path.stem)}.*"):  # the card and picture go with it
+                        other.unlink(missing_ok=True)
+                except OSError as exc:  # an old file that will not go is no reason to stop training
+                    yield Note(f"could not remove {path.name} (save_last_n_steps = {keep}): {exc.strerror or exc}")
+                    continue
                 yield Note(f"removed {path.name} (save_last_n_steps = {keep})")
             # also those a resumed run's state lists but an earlier run (or another output_dir) removed or holds
             self.files = [f for f in self.files if not _is_older(Path(f).name, pattern, step - keep, every)]
@@ -65,7 +69,7 @@ class StepOutputs:
         if keep_states and cfg.save_state:
             pattern = re.compile(rf"^{name}-step(\d{{8}})-state$")
             for folder in _older(step_state_dir(cfg, step).parent, pattern, step - keep_states, every, is_dir=True):
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)  # what will not go stays; training goes on
                 yield Note(f"removed state {folder.name} (save_last_n_steps_state = {keep_states})")
 
 
