@@ -127,13 +127,18 @@ class TrainConfig:
     output_name: str = _f("last", "file name without extension; epochs get -01, -02, ...", "output")
     save_precision: str = _f("fp16", "precision of the saved LoRA", "output", SAVE_PRECISIONS)
     save_every_n_epochs: int | None = _f(None, "save <name>-NN.safetensors every N epochs (the last epoch always)", "output")
-    save_state: bool = _f(False, "save resumable state (optimizer, scheduler, step) with each saved epoch", "output")
+    save_every_n_steps: int | None = _f(None, "also save <name>-stepNNNNNNNN.safetensors every N optimizer steps (0 = off)", "output")
+    save_last_n_steps: int | None = _f(None, "keep only the step files of the last N steps (older ones are removed; 0 = keep all)", "output")
+    save_last_n_steps_state: int | None = _f(None, "keep only the step states of the last N steps (default: save_last_n_steps)", "output")
+    save_state: bool = _f(False, "save resumable state (optimizer, scheduler, step) with each saved epoch and step file", "output")
     state_dir: str | None = _f(None, "folder for the state folders (save_state, interrupt; default: output_dir)", "output")
     resume: str = _f("", "resume from this state folder", "output")
     training_comment: str = _f("", "comment stored in the LoRA metadata", "output")
 
     # -- samples and logs
     sample_every_n_epochs: int | None = _f(None, "generate sample images every N epochs", "sampling")
+    sample_every_n_steps: int | None = _f(None, "generate sample images every N optimizer steps (ignored while sample_every_n_epochs "
+                                          "is set, as in sd-scripts; 0 = off)", "sampling")
     sample_prompts: str | tuple[str, ...] = _f("", "a prompt file (kohya syntax: --w --h --s --l --d --n), or a list of prompts", "sampling")
     sample_sampler: str = _f("ddim", "sampler for the sample images", "sampling", SAMPLERS)
     sample_dir: str | None = _f(None, "folder for the sample images (default: <output_dir>/sample)", "sampling")

@@ -50,14 +50,13 @@ IGNORED_KEYS = frozenset({
 # together with a setting refused here); any other value would change the training in a way this trainer does
 # not do, so it is refused instead of silently ignored.
 NEUTRAL_WHEN: dict[str, tuple | None] = {
-    # bookkeeping, uploads, logging services, schedules of saves and samples by steps, compile settings
+    # bookkeeping, uploads, logging services, epoch-file retention, compile settings
     **dict.fromkeys((
         "epoch", "wandb_run_name", "wandb_api_key", "log_tracker_name", "log_tracker_config",
         "log_config", "metadata_author", "metadata_description", "metadata_license", "metadata_tags",
         "metadata_title", "huggingface_repo_id", "huggingface_token", "huggingface_repo_type",
         "huggingface_repo_visibility", "huggingface_path_in_repo", "async_upload", "save_state_to_huggingface",
-        "resume_from_huggingface", "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps",
-        "save_last_n_steps_state", "save_state_on_train_end", "save_every_n_steps", "sample_every_n_steps",
+        "resume_from_huggingface", "save_last_n_epochs", "save_last_n_epochs_state", "save_state_on_train_end",
         "sample_at_first", "save_n_epoch_ratio", "disable_mmap_load_safetensors", "ddp_timeout",
         "ddp_gradient_as_bucket_view", "ddp_static_graph", "lowvram", "skip_cache_check", "huber_c",
         "huber_schedule", "multires_noise_discount",

@@ -61,14 +61,16 @@ class Validation(Event):
 @dataclass(frozen=True)
 class Saved(Event):
     path: str
-    epoch: int
+    epoch: int  # epochs finished when it was written (a step file's `ss_epoch`, as in sd-scripts)
     kind: str = "lora"  # "lora" or "state"
+    step: int | None = None  # set for a step file / step state (save_every_n_steps, save now); None at an epoch end
 
 
 @dataclass(frozen=True)
 class Sample(Event):
-    epoch: int
+    epoch: int  # the epoch of an epoch-end preview; for a step preview, the epochs finished before it
     paths: tuple[str, ...]
+    step: int | None = None  # set for previews of sample_every_n_steps
 
 
 @dataclass(frozen=True)

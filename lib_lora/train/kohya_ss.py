@@ -33,7 +33,8 @@ _HANDLED = {"LoRA_type", "conv_dim", "conv_alpha", "lr_warmup", "lr_warmup_steps
             "max_train_steps", "max_train_epochs", "epoch", "text_encoder_lr", "unet_lr", "sample_prompts", "noise_offset_type",
             "dynamo_backend"}
 # settings where 0 in the GUI means "off" and we use None
-_ZERO_IS_UNSET = {"max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "min_snr_gamma", "noise_offset",
+_ZERO_IS_UNSET = {"max_train_epochs", "save_every_n_epochs", "sample_every_n_epochs", "save_every_n_steps",
+                  "sample_every_n_steps", "save_last_n_steps", "save_last_n_steps_state", "min_snr_gamma", "noise_offset",
                   "clip_skip", "network_dropout", "seed"}
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import BadInput
 from . import dist as dist_mod
+from .checkpoints import StepOutputs
 from .compiling import CompiledForward, bucket_count, compile_notes
 from .config import TrainConfig, effective_lrs, sample_prompt_lines
 from .events import (
@@ -29,7 +30,7 @@ from .events import (
 from .metadata import activation_text, training_metadata
 from .netglue import build_network, load_weights, save_network
 from .optim import build_optimizer, current_lrs, make_grad_scaler
-from .outputs import LossLog, WriteFailed, epoch_file, save_samples, state_dir, step_file
+from .outputs import LossLog, WriteFailed, epoch_file, save_samples, state_dir
 from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
 from .textcond import TextConditioner
@@ -60,9 +61,10 @@ def train(cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl | 
     return Run(apply_dataset_config(cfg), backend, dataset, control or TrainControl()).events()
 
 
-class Run(TrainStep):
-    """One run: setup and hand-back, the epochs, control (stop, pause, save now), and what it writes at epoch ends;
-    the numbers of each optimizer step come from `TrainStep` (trainstep.py)."""
+class Run(StepOutputs, TrainStep):
+    """One run: setup and hand-back, the epochs, control (stop, pause), and what it writes at epoch ends; the
+    numbers of each optimizer step come from `TrainStep` (trainstep.py), step saves / previews and "save now" from
+    `StepOutputs` (checkpoints.py)."""
 
     def __init__(self, cfg: TrainConfig, backend: Any, dataset: Any, control: TrainControl):
         self.cfg, self.backend, self.data, self.control = cfg, backend, dataset, control
@@ -252,8 +254,7 @@ class Run(TrainStep):
                 yield self._step_event(epoch, -(-st.batches_done // accum), loss)
                 while self.notes:
                     yield Note(self.notes.pop(0))
-                if self.control.take_save_request():
-                    yield from self._save_lora(step_file(cfg, st.global_step), epoch)
+                yield from self._after_step(epoch)
                 if self.control.pause_requested:
                     yield from self._pause()
                 if self.control.stop_requested:
@@ -264,7 +265,6 @@ class Run(TrainStep):
             if last:
                 break
         yield self._done()
-
 
     def _step_event(self, epoch: int, step_in_epoch: int, loss: float) -> StepEnd:
         st = self.state
@@ -304,7 +304,7 @@ class Run(TrainStep):
         self.log.validation(self.state.global_step, epoch, loss)
         yield Validation(epoch, loss, count)
 
-    def _save_lora(self, path, epoch: int) -> Iterator[Event]:
+    def _save_lora(self, path, epoch: int, step: int | None = None) -> Iterator[Event]:
         if not self.dist.is_main:
             return
         st = self.state
@@ -322,9 +322,9 @@ class Run(TrainStep):
             raise WriteFailed(path, exc) from exc
         self.files.append(str(path))
         st.saved_files = list(self.files)
-        yield Saved(str(path), epoch)
+        yield Saved(str(path), epoch, step=step)
 
-    def _sample(self, epoch: int) -> Iterator[Event]:
+    def _sample(self, epoch: int, step: int | None = None) -> Iterator[Event]:
         if not self.dist.is_main:
             return
         images, failure = [], None
@@ -346,18 +346,19 @@ class Run(TrainStep):
         finally:
             self.net.train(True)
         if failure:
-            yield Note(f"preview samples of epoch {epoch} failed and were skipped ({failure}); training goes on")
+            yield Note(f"preview samples of {'epoch %d' % epoch if step is None else 'step %d' % step} failed and were "
+                       f"skipped ({failure}); training goes on")
         if images:
-            yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images)))
+            yield Sample(epoch, tuple(str(p) for p in save_samples(self.cfg, epoch, images, step)), step)
 
-    def _save_state(self, folder, epoch: int) -> Iterator[Event]:
+    def _save_state(self, folder, epoch: int, step: int | None = None) -> Iterator[Event]:
         if self.dist.is_main:
             try:
                 save_state(folder, self.state, self.net.state_dict(), self.setup.optimizer.state_dict(),
                            self.setup.scheduler.state_dict(), self.scaler.state_dict() if self.scaler else None, self.cfg)
             except OSError as exc:
                 raise WriteFailed(folder, exc) from exc
-            yield Saved(str(folder), epoch, "state")
+            yield Saved(str(folder), epoch, "state", step)
         self.dist.barrier()
 
     # ------------------------------------------------------------------ control

@@ -1,7 +1,8 @@
 """Where a run writes: epoch files, state folders, samples, and the loss log (CSV always, tensorboard if installed).
 
 Names follow sd-scripts so the webui's X/Y/Z "Prompt S/R" over `-01`, `-02`, ... works: `<name>-NN.safetensors`
-with NN zero-padded to at least two digits, `<name>-stepNNNNNNNN.safetensors` for a save on request, and
+with NN zero-padded to at least two digits, `<name>-stepNNNNNNNN.safetensors` for a step save (save_every_n_steps,
+or a save on request), and
 `<name>.safetensors` when only the final epoch is kept.
 """
 
@@ -34,7 +35,13 @@ def epoch_file(cfg: TrainConfig, epoch: int | None) -> Path:
 
 
 def step_file(cfg: TrainConfig, step: int) -> Path:
+    """sd-scripts' step file name: `<name>-stepNNNNNNNN.safetensors` (8 digits), outside the `-NN` epoch pattern."""
     return Path(cfg.output_dir) / f"{cfg.output_name}-step{step:08d}.safetensors"
+
+
+def step_state_dir(cfg: TrainConfig, step: int) -> Path:
+    """`<name>-stepNNNNNNNN-state` (sd-scripts' name), where `state_dir` puts the epoch states."""
+    return Path(cfg.state_dir or cfg.output_dir) / f"{cfg.output_name}-step{step:08d}-state"
 
 
 def state_dir(cfg: TrainConfig, epoch: int | None = None) -> Path:
@@ -54,13 +61,15 @@ def samples_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.sample_dir) if cfg.sample_dir else Path(cfg.output_dir) / "sample"
 
 
-def save_samples(cfg: TrainConfig, epoch: int, images: list) -> list[Path]:
-    """PNG files `<name>_eNNNNNN_II.png` (sd-scripts' naming), written atomically."""
+def save_samples(cfg: TrainConfig, epoch: int, images: list, step: int | None = None) -> list[Path]:
+    """PNG files `<name>_eNNNNNN_II.png` at an epoch end, `<name>_NNNNNN_II.png` at a step (sd-scripts' naming
+    without its time stamp), written atomically."""
     paths = []
+    number = f"e{epoch:06d}" if step is None else f"{step:06d}"
     for i, image in enumerate(images):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        path = samples_dir(cfg) / f"{cfg.output_name}_e{epoch:06d}_{i:02d}.png"
+        path = samples_dir(cfg) / f"{cfg.output_name}_{number}_{i:02d}.png"
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths

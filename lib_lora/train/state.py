@@ -30,7 +30,8 @@ STATE_FILE = "state.json"
 # (the same arithmetic, recomputed: turning it on after an out-of-memory stop is a normal resume)
 _NOT_NUMERIC = frozenset({
     "output_dir", "output_name", "save_precision", "save_every_n_epochs", "save_state", "state_dir", "resume",
-    "training_comment", "sample_every_n_epochs", "sample_prompts", "sample_sampler", "sample_dir", "logging_dir", "log_with", "dry_run", "config_version",
+    "training_comment", "sample_every_n_epochs", "save_every_n_steps", "save_last_n_steps", "save_last_n_steps_state",
+    "sample_every_n_steps", "sample_prompts", "sample_sampler", "sample_dir", "logging_dir", "log_with", "dry_run", "config_version",
     "seed", "network_weights", "gradient_checkpointing",
 })
 

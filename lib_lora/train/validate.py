@@ -268,18 +268,32 @@ def validate(cfg: TrainConfig, need_model_path: bool = True) -> list[Problem]:
         add("save_precision", f"{cfg.save_precision!r} is not one of fp16, bf16, fp32")
     if cfg.save_every_n_epochs is not None and cfg.save_every_n_epochs < 1:
         add("save_every_n_epochs", "must be at least 1")
+    for name in ("save_every_n_steps", "save_last_n_steps", "save_last_n_steps_state", "sample_every_n_steps"):
+        if (getattr(cfg, name) or 0) < 0:
+            add(name, f"must be at least 1 (0 or unset = off), not {getattr(cfg, name)}")
+    if not cfg.save_every_n_steps:
+        for name in ("save_last_n_steps", "save_last_n_steps_state"):
+            if (getattr(cfg, name) or 0) > 0:
+                add(name, "has no effect without save_every_n_steps (it keeps the newest step files)", "warning")
+    elif (cfg.save_last_n_steps_state or 0) > 0 and not cfg.save_state:
+        add("save_last_n_steps_state", "has no effect without save_state", "warning")
     if cfg.resume:
         state = Path(cfg.resume)
         if not (state / "state.json").is_file():
             add("resume", f"{cfg.resume} is not a saved state folder (no state.json in it)")
 
     # samples and logs
-    if cfg.sample_every_n_epochs is not None:
-        if cfg.sample_every_n_epochs < 1:
+    if cfg.sample_every_n_epochs and (cfg.sample_every_n_steps or 0) > 0:
+        add("sample_every_n_steps", "is ignored while sample_every_n_epochs is set (sd-scripts' rule): previews come at "
+            "epoch ends only", "warning")
+    sampling = "sample_every_n_epochs" if cfg.sample_every_n_epochs is not None else \
+        "sample_every_n_steps" if (cfg.sample_every_n_steps or 0) > 0 else None
+    if sampling:
+        if cfg.sample_every_n_epochs is not None and cfg.sample_every_n_epochs < 1:
             add("sample_every_n_epochs", "must be at least 1")
         try:
             if not sample_prompt_lines(cfg):
-                add("sample_prompts", "is empty, but sample_every_n_epochs is set")
+                add("sample_prompts", f"is empty, but {sampling} is set")
         except OSError:
             add("sample_prompts", f"cannot read prompt file {cfg.sample_prompts}")
         except BadInput as exc:

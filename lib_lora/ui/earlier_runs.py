@@ -29,7 +29,7 @@ def _epoch_stems(folder: Path, name: str) -> set[str]:
 
 def earlier_run_files(cfg, project_folder: Path) -> dict[str, list[Path]]:
     """What a fresh run of `cfg` would overwrite, by kind: epoch files with everything named after them (cards,
-    card pictures), preview samples, the loss log, resume-state folders."""
+    card pictures) and step files, preview samples (of epochs and steps), the loss log, resume-state folders."""
     name = cfg.output_name
     out = Path(cfg.output_dir)
     stems = _epoch_stems(out, name)
@@ -41,14 +41,14 @@ def earlier_run_files(cfg, project_folder: Path) -> dict[str, list[Path]]:
 
     samples = samples_dir(cfg)
     if samples.is_dir():
-        sample = re.compile(rf"^{re.escape(name)}_e\d+_\d+\.png$")
+        sample = re.compile(rf"^{re.escape(name)}_e?\d+_\d+\.png$")  # epoch previews _eNNNNNN_, step previews _NNNNNN_
         found["samples"] = sorted(p for p in samples.iterdir() if p.is_file() and sample.match(p.name))
     log = logs_dir(cfg) / f"{name}_loss.csv"
     if log.is_file():
         found["logs"] = [log]
     state = Path(cfg.state_dir) if cfg.state_dir else None
     if state is not None and state.is_dir():
-        pattern = re.compile(rf"^{re.escape(name)}(-\d+)?-state$")
+        pattern = re.compile(rf"^{re.escape(name)}(-\d+|-step\d+)?-state$")
         found["state"] = sorted(p for p in state.iterdir() if p.is_dir() and pattern.match(p.name))
     return found
 

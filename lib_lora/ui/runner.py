@@ -76,7 +76,8 @@ def make_runner(host):
                     host.refresh_loras()  # the moved files leave the webui's LoRA list
                     host.report(job)
             stream = train(job.config, backend, dataset, job.control)
-            saved: dict[int, Path] = {}  # epoch -> its LoRA file, for the card picture from that epoch's previews
+            # (epoch, step) -> its LoRA file, for the card picture from the previews made with the same weights
+            saved: dict[tuple[int, int | None], Path] = {}
             for event in stream:
                 if isinstance(event, ev.Started):
                     job.total_steps, job.epochs = event.total_steps, event.epochs
@@ -91,7 +92,7 @@ def make_runner(host):
                     job.epoch = event.epoch
                 elif isinstance(event, ev.Saved) and event.kind == "lora":
                     path = Path(event.path)
-                    saved[event.epoch] = path
+                    saved[(event.epoch, event.step)] = path
                     write_card(path, job, info.sd_version)
                     job.files.append(str(path))
                     try:
@@ -102,11 +103,12 @@ def make_runner(host):
                     host.refresh_loras()
                 elif isinstance(event, ev.Sample):
                     job.samples.extend(event.paths)
-                    if event.epoch in saved and event.paths:
+                    lora = saved.get((event.epoch, event.step))
+                    if lora is not None and event.paths:
                         try:
-                            write_card_picture(saved[event.epoch], Path(event.paths[0]))
+                            write_card_picture(lora, Path(event.paths[0]))
                         except (OSError, LoraTrainError) as exc:  # a missing card picture must not end the run
-                            job.notes.append(f"could not write the card picture of {saved[event.epoch].name}: {exc}")
+                            job.notes.append(f"could not write the card picture of {lora.name}: {exc}")
                 elif isinstance(event, ev.Note):
                     job.notes.append(event.message)
                     job.message = event.message

@@ -84,8 +84,9 @@ def sample_items(job, limit: int = 12) -> list[tuple[str, str]]:
     import re
 
     def label(path: str) -> str:
-        m = re.search(r"_e(\d+)_(\d+)$", Path(path).stem)  # sd-scripts' <name>_eNNNNNN_II.png
-        return f"epoch {int(m.group(1))}, prompt {int(m.group(2)) + 1}" if m else Path(path).stem
+        m = re.search(r"_(e?)(\d+)_(\d+)$", Path(path).stem)  # sd-scripts' <name>_eNNNNNN_II.png, <name>_NNNNNN_II.png
+        what = "epoch" if m and m.group(1) else "step"
+        return f"{what} {int(m.group(2))}, prompt {int(m.group(3)) + 1}" if m else Path(path).stem
 
     return [(p, label(p)) for p in reversed(job.samples[-limit:]) if Path(p).is_file()]
 
