@@ -46,13 +46,21 @@ def vae_to_diffusers(ldm_vae: dict, levels: int) -> dict:
     """ldm AutoencoderKL keys (without `first_stage_model.`) -> diffusers AutoencoderKL keys.
     Decoder levels run the other way round (ldm up.0 is the last diffusers up block); the mid attention's 1x1 convs
     become linear layers."""
+    return _renamed_vae(ldm_vae, lambda key: _vae_key(key, levels),
+                        lambda key: f"the checkpoint's VAE does not fit its config: unexpected first_stage_model.{key}",
+                        ".mid_block.attentions.0.", 4, lambda w: w[:, :, 0, 0])
+
+
+def _renamed_vae(state: dict, rename, unknown, attention: str, conv_ndim: int, reshape) -> dict:
+    """One pass for both directions: every key must rename, and the mid attention's weights change shape
+    (1x1 conv in ldm, linear in diffusers)."""
     out = {}
-    for key, value in ldm_vae.items():
-        new = _vae_key(key, levels)
+    for key, value in state.items():
+        new = rename(key)
         if new is None:
-            raise IncompatibleFile(f"the checkpoint's VAE does not fit its config: unexpected first_stage_model.{key}")
-        if ".mid_block.attentions.0." in new and new.endswith(".weight") and value.ndim == 4:
-            value = value[:, :, 0, 0]
+            raise IncompatibleFile(unknown(key))
+        if attention in new and new.endswith(".weight") and value.ndim == conv_ndim:
+            value = reshape(value)
         out[new] = value
     return out
 
@@ -94,15 +102,9 @@ _VAE_TOP_BACK = {v: k for k, v in _VAE_TOP.items()}
 def vae_to_ldm(diffusers_vae: dict, levels: int) -> dict:
     """diffusers AutoencoderKL keys -> ldm keys (the layout of separate VAE files): the inverse of
     `vae_to_diffusers`, the mid attention's linear weights back to 1x1 convs."""
-    out = {}
-    for key, value in diffusers_vae.items():
-        new = _vae_ldm_key(key, levels)
-        if new is None:
-            raise IncompatibleFile(f"not a diffusers AutoencoderKL key: {key}")
-        if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
-            value = value[:, :, None, None]
-        out[new] = value
-    return out
+    return _renamed_vae(diffusers_vae, lambda key: _vae_ldm_key(key, levels),
+                        lambda key: f"not a diffusers AutoencoderKL key: {key}",
+                        ".mid.attn_1.", 2, lambda w: w[:, :, None, None])
 
 
 def _vae_ldm_key(key: str, levels: int) -> str | None:
