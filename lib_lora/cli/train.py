@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                     say(line)
             elif isinstance(ev, E.Interrupted):
                 progress.close()
-                say(f"stopped at step {ev.step}; resume with --resume {ev.state_path}")
+                say(ev.message or f"stopped at step {ev.step}; resume with --resume {ev.state_path}")
                 code = 130
             elif isinstance(ev, E.Failed):
                 progress.close()

@@ -101,17 +101,22 @@ class LatentCache:
         self._files: dict[int, Path] = {}
         self.encoded = 0  # images encoded by the last `fill`
         self.reused = 0  # images whose cached latents were still valid
+        self.total = 0  # images the last `fill` was asked for
+        self.stopped = False  # the last `fill` ended early at `should_stop` (some images have no latents)
 
     def __contains__(self, index: int) -> bool:
         return index in (self._files if self.to_disk else self._memory)
 
     def fill(self, jobs: Sequence[CacheJob], encode: Encode, encoder_id: str, load_pixels: Callable[[CacheJob], Any],
-             batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> None:
+             batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> None:
         """Make sure every job has valid latents, encoding only those without; `load_pixels(job)` gives the
-        (3, H, W) float tensor of the un-mirrored crop."""
+        (3, H, W) float tensor of the un-mirrored crop. `should_stop()` is asked before each VAE batch: a stop
+        (Ctrl-C, the tab's Interrupt) must not wait for a whole dataset to encode; what was stored stays."""
         import torch
 
         self.encoded = self.reused = 0
+        self.stopped = False
         todo: list[tuple[CacheJob, str]] = []
         for job in jobs:
             key = cache_key(job, encoder_id)
@@ -120,7 +125,7 @@ class LatentCache:
             else:
                 todo.append((job, key))
         done = self.reused
-        total = len(jobs)
+        total = self.total = len(jobs)
         if progress:
             progress(done, total)
         by_bucket: dict[Size, list[tuple[CacheJob, str]]] = {}
@@ -129,6 +134,9 @@ class LatentCache:
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             for start in range(0, len(items), max(1, batch_size)):
+                if should_stop is not None and should_stop():
+                    self.stopped = True
+                    return
                 chunk = items[start : start + batch_size]
                 pixels = torch.stack([torch.as_tensor(load_pixels(job)) for job, _ in chunk])
                 mirrored = [i for i, (job, _) in enumerate(chunk) if job.with_flip]

@@ -328,9 +328,12 @@ class Dataset:
 
     # ---- caches -----------------------------------------------------------------------------------------------
     def cache_latents(self, encode: Encode, encoder_id: str, batch_size: int | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> LatentCache:
+                      progress: Callable[[int, int], None] | None = None,
+                      should_stop: Callable[[], bool] | None = None) -> LatentCache:
         """Encode every image in use once (plus its mirror with flip_aug) so batches carry latents; afterwards the
-        VAE is no longer needed. `encoder_id` names the VAE (e.g. its hash): latents of another VAE never match."""
+        VAE is no longer needed. `encoder_id` names the VAE (e.g. its hash): latents of another VAE never match.
+        When `should_stop()` says so between VAE batches the returned cache has `stopped` set and the dataset keeps
+        no partial cache (files already written on disk stay valid for the next run)."""
         opts = self.options
         if opts.color_aug or opts.random_crop:
             raise BadInput("cache_latents cannot be combined with color_aug or random_crop")
@@ -345,8 +348,9 @@ class Dataset:
             item = ItemPlan(job.index, 0, "", False, job.crop, None, 1.0)
             return self.load_pixels(item)
 
-        cache.fill(jobs, encode, encoder_id, load, batch_size or opts.train_batch_size, progress)
-        self.latents = cache
+        cache.fill(jobs, encode, encoder_id, load, batch_size or opts.train_batch_size, progress, should_stop)
+        if not cache.stopped:
+            self.latents = cache
         return cache
 
     def drop_latents(self) -> None:

@@ -86,7 +86,17 @@ class Continued(Event):
 @dataclass(frozen=True)
 class Interrupted(Event):
     step: int
-    state_path: str  # resume from here (`--resume`)
+    state_path: str  # resume from here (`--resume`); "" when nothing was trained yet
+    message: str = ""  # what hosts say instead of "stopped at step N" (a stop before training began)
+
+    @classmethod
+    def while_caching(cls, step: int, resume: str, cache) -> "Interrupted":
+        """A stop during latent caching: no step ran, so there is no new state; say what the cache kept."""
+        cached = cache.encoded + cache.reused
+        kept = "kept on disk for the next run" if cache.to_disk else "held in memory only, so not kept"
+        again = f"resume again with --resume {resume}" if resume else "start again to train"
+        return cls(step, resume, f"stopped while caching latents ({cached} of {cache.total} images cached, {kept}); "
+                                 f"nothing was trained in this run; {again}")
 
 
 @dataclass(frozen=True)

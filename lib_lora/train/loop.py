@@ -113,7 +113,11 @@ class Run(StepOutputs, TrainStep):
             if (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.dry_run:
                 yield Note("encoding every image once (cache_latents)" + (" to .npz files beside the images" if cfg.cache_latents_to_disk else ""))
                 encoder_id = str(getattr(self.backend, "vae_id", self.backend.arch))
-                self.data.cache_latents(self._seeded_encoder(seed), encoder_id)
+                cache = self.data.cache_latents(self._seeded_encoder(seed), encoder_id,
+                                                should_stop=lambda: self.control.stop_requested)
+                if getattr(cache, "stopped", False):  # no step ran: nothing to save; the model goes back in finally
+                    yield Interrupted.while_caching(self.state.global_step, cfg.resume, cache)
+                    return
                 self.latents_cached = True
                 self._offload()
             self.text = TextConditioner(self.backend, self.data, cfg.clip_skip, cfg.max_token_length, self.train_te)
@@ -339,6 +343,8 @@ class Run(StepOutputs, TrainStep):
                         sampler=p.sampler or self.cfg.sample_sampler, clip_skip=self.cfg.clip_skip or 1,
                         max_tokens=self.cfg.max_token_length or 75)
                     images += list(out) if isinstance(out, (list, tuple)) else [out]
+                    if self.control.stop_requested:  # the stop is taken at the next step boundary (state saved)
+                        break
         except Exception as exc:  # a preview is never worth the epochs still to train
             failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
             if self.device.type == "cuda":

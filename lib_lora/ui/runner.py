@@ -119,7 +119,7 @@ def make_runner(host):
                         job.control.wait_while_paused()
                     job.status, job.message = RUNNING, ""
                 elif isinstance(event, ev.Interrupted):
-                    job.message = f"interrupted at step {event.step}; saved epochs are kept"
+                    job.message = event.message or f"interrupted at step {event.step}; saved epochs are kept"
                 elif isinstance(event, ev.Failed):
                     raise TrainingFailed(event.message)
                 elif isinstance(event, ev.Done):

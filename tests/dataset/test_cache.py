@@ -66,6 +66,18 @@ def test_disk_cache_reused_across_runs_and_invalidated_by_changes(two_concepts):
     assert first_latents.shape == (2, 4, 8, 8)
 
 
+def test_a_stop_between_vae_batches_keeps_what_was_written_and_no_partial_cache(two_concepts):
+    opts = small_options(two_concepts, cache_latents_to_disk=True, train_batch_size=2)
+    encoder = CountingEncoder()
+    ds = Dataset.build(opts)
+    cache = ds.cache_latents(encoder, "pool8", should_stop=lambda: encoder.images >= 2)
+    assert cache.stopped and (cache.encoded, cache.total) == (2, 6) and encoder.images == 2
+    assert len(list(two_concepts.rglob("*.latents.npz"))) == 2
+    assert ds.latents is None and ds.load_batch(ds.epoch_batches(1)[0]).latents is None  # pixels, not half a cache
+    rest = Dataset.build(opts).cache_latents(encoder, "pool8", should_stop=lambda: False)
+    assert not rest.stopped and (rest.encoded, rest.reused) == (4, 2)
+
+
 def test_disk_cache_in_a_cache_folder_and_new_bucket(two_concepts, tmp_path):
     cache_dir = tmp_path / "latents"
     encoder = CountingEncoder()
