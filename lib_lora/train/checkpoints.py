@@ -62,7 +62,7 @@ class StepOutputs:
                 except OSError as exc:  # an old file that will not go is no reason to stop training
                     yield Note(f"could not remove {path.name} (save_last_n_steps = {keep}): {exc.strerror or exc}")
                     continue
-                yield Note(f"removed {path.name} (save_last_n_steps = {keep})")
+                yield Note(removal_note(path.name, keep))
             # also those a resumed run's state lists but an earlier run (or another output_dir) removed or holds
             self.files = [f for f in self.files if not _is_older(Path(f).name, pattern, step - keep, every)]
             self.state.saved_files = list(self.files)
@@ -71,6 +71,20 @@ class StepOutputs:
             for folder in _older(step_state_dir(cfg, step).parent, pattern, step - keep_states, every, is_dir=True):
                 shutil.rmtree(folder, ignore_errors=True)  # what will not go stays; training goes on
                 yield Note(f"removed state {folder.name} (save_last_n_steps_state = {keep_states})")
+
+
+_REMOVED = re.compile(r"^removed (\S+\.safetensors) \(save_last_n_steps = \d+\)$")
+
+
+def removal_note(name: str, keep: int) -> str:
+    """The Note said when a step file goes; hosts that list the run's files read it back with `removed_file`."""
+    return f"removed {name} (save_last_n_steps = {keep})"
+
+
+def removed_file(message: str) -> str | None:
+    """The step file's name when `message` is a `removal_note`, else None."""
+    m = _REMOVED.match(message)
+    return m.group(1) if m else None
 
 
 def _is_older(name: str, pattern: re.Pattern, below: int, every: int) -> bool:

@@ -7,6 +7,7 @@ API read, saved epochs get their card sidecar and the host's loader check, and a
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -56,12 +57,34 @@ def write_card_picture(lora: Path, sample: Path) -> Path | None:
     return target
 
 
+STEP_FILE = re.compile(r"-step\d{8}\.safetensors$")  # sd-scripts' `<name>-stepNNNNNNNN.safetensors`
+
+
+def done_message(files) -> str:
+    """'done: 3 epoch files, 2 step files': step saves are not epochs (the Test sub-tab lists only epochs)."""
+    steps = sum(1 for f in files if STEP_FILE.search(Path(f).name))
+    epochs = len(files) - steps
+    return f"done: {epochs} epoch file{'s' * (epochs != 1)}" + (f", {steps} step file{'s' * (steps != 1)}" if steps else "")
+
+
+def drop_removed_file(job: Job, name: str | None) -> None:
+    """A step file `save_last_n_steps` removed leaves the job's file list (and its loader check beside it)."""
+    if not name:
+        return
+    for i in reversed(range(len(job.files))):
+        if Path(job.files[i]).name == name:
+            del job.files[i]
+            if i < len(job.checks):
+                del job.checks[i]
+
+
 def make_runner(host):
     """The JobQueue runner for `host`."""
 
     def run(job: Job) -> None:
         from ..train import events as ev
         from ..train.loop import train  # the engine's loop
+        from ..train.checkpoints import removed_file
 
         host.check_can_train()
         info = host.model_info()
@@ -112,6 +135,7 @@ def make_runner(host):
                 elif isinstance(event, ev.Note):
                     job.notes.append(event.message)
                     job.message = event.message
+                    drop_removed_file(job, removed_file(event.message))
                 elif isinstance(event, ev.Paused):
                     job.status, job.message = PAUSED, f"paused at step {event.step}"
                     host.report(job)
@@ -123,7 +147,7 @@ def make_runner(host):
                 elif isinstance(event, ev.Failed):
                     raise TrainingFailed(event.message)
                 elif isinstance(event, ev.Done):
-                    job.message = event.message or f"done: {len(event.files)} epoch files"
+                    job.message = event.message or done_message(event.files)
                     if event.best_file and Path(event.best_file).name not in job.message:
                         job.message += (f"; lowest validation loss: epoch {event.best_epoch} "
                                         f"({Path(event.best_file).name})")

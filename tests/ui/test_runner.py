@@ -86,7 +86,7 @@ def test_state_and_samples_stay_in_the_project_and_notes_end_with_the_phase(tmp_
     assert sorted(p.name for p in (project.state / "p-state").iterdir()) == ["network.safetensors", "optimizer.pt"]
     assert [Path(p).parent for p in job.samples] == [project.samples]
     assert job.notes == ["encoding every image once (cache_latents)"]
-    assert job.message == "done: 1 epoch files"
+    assert job.message == "done: 1 epoch file"
     assert job.checks == ["ok: all 3 modules"] and host.checked == ["p-01.safetensors"]
     assert job.losses == [(1, 0.5)] and host.refreshed >= 1
     import json

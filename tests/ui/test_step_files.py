@@ -54,3 +54,24 @@ def test_step_files_stay_out_of_the_epoch_list_get_their_own_preview_and_move_as
                                                "p-step00000001.preview.png", "p-step00000002.safetensors"}
     assert sorted(p.name for p in found["samples"]) == ["p_000001_00.png", "p_000002_00.png"]
     assert {p.name for p in found["state"]} >= {"p-step00000001-state", "p-step00000002-state", "p-state"}
+
+
+def test_done_counts_epochs_and_step_files_apart_and_removed_step_files_leave_the_list(sd1_diffusers_dir, tmp_path):
+    from lib_lora.ui.service import TrainService
+    from lib_lora.ui.standalone import StandaloneHost
+
+    host = StandaloneHost(sd1_diffusers_dir, tmp_path / "projects", device="cpu")
+    project = projects.create_project(host.projects_root(), "q", repeats=1)
+    make_images(project.dataset / "1_q", 2, captions=["sks, red"])  # one step per epoch
+    cfg = TrainService(host, queue=object()).make_config(project, {**fields.defaults(), **TINY})
+    cfg = dataclasses.replace(cfg, max_train_epochs=3, save_every_n_steps=1, save_last_n_steps=1)
+    job = Job(project=project.name, config=cfg)
+    make_runner(host)(job)
+
+    out = host.lora_output_dir("q")
+    on_disk = sorted(p.name for p in out.glob("*.safetensors"))
+    assert on_disk == ["q-01.safetensors", "q-02.safetensors", "q-03.safetensors",
+                       "q-step00000002.safetensors", "q-step00000003.safetensors"]  # step 1 removed at step 3
+    assert sorted(p.rsplit("/", 1)[-1] for p in job.files) == on_disk
+    assert len(job.checks) == len(job.files) and all("q-step00000001" not in c for c in job.checks)
+    assert job.message == "done: 3 epoch files, 2 step files"
