@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 from ..errors import BadInput
+from ..fsutil import atomic_write_bytes
 
 RUNS_DIR = "runs"
+SETTINGS_FILE = "project.toml"  # lib_lora.ui.projects.SETTINGS_FILE
 
 
 def _epoch_stems(folder: Path, name: str) -> set[str]:
@@ -53,10 +55,13 @@ def earlier_run_files(cfg, project_folder: Path) -> dict[str, list[Path]]:
     return found
 
 
-def set_aside_earlier_run(cfg, project_folder: str | Path) -> str | None:
+def set_aside_earlier_run(cfg, project_folder: str | Path, earlier_settings: bytes | None = None) -> str | None:
     """Move the earlier run's files into `<project>/runs/<YYYYmmdd-HHMMSS>/` (the time its newest epoch file was
     written); the sentence saying so, or None when there was nothing to move or the run resumes. A move that fails
-    raises BadInput before anything is trained, so nothing is overwritten (what moved already stays moved)."""
+    raises BadInput before anything is trained, so nothing is overwritten (what moved already stays moved).
+    The earlier run's settings are copied there as `project.toml` (the project keeps its own): `earlier_settings`,
+    the file's bytes from before Start saved the new run's settings over it (b"" = there was none), or, when
+    None, the project's `project.toml` as it is now (nothing has saved over it)."""
     if getattr(cfg, "resume", ""):
         return None
     found = earlier_run_files(cfg, Path(project_folder))
@@ -79,6 +84,7 @@ def set_aside_earlier_run(cfg, project_folder: str | Path) -> str | None:
             except OSError as exc:
                 raise BadInput(f"could not move the earlier run's {src} to {dest}: {exc.strerror or exc}; nothing "
                                f"was trained (files already moved are in {target})") from exc
+    _copy_settings(Path(project_folder) / SETTINGS_FILE, target, earlier_settings)
     epochs = sum(1 for p in found["lora"] if p.suffix == ".safetensors")
     parts = []
     if epochs:
@@ -92,3 +98,16 @@ def set_aside_earlier_run(cfg, project_folder: str | Path) -> str | None:
         parts.append("its resume state")
     listed = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
     return f"the earlier run's {listed} were moved to {target} (a fresh run; nothing was overwritten)"
+
+
+def _copy_settings(settings: Path, target: Path, earlier: bytes | None) -> None:
+    if earlier is None:
+        earlier = settings.read_bytes() if settings.is_file() else b""
+    if not earlier:
+        return
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target / SETTINGS_FILE, earlier)
+    except OSError as exc:
+        raise BadInput(f"could not copy the earlier run's settings to {target / SETTINGS_FILE}: "
+                       f"{exc.strerror or exc}; nothing was trained (its files are in {target})") from exc

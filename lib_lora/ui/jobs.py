@@ -54,6 +54,9 @@ class Job:
     warnings: list = field(default_factory=list)  # settings that are allowed but probably not meant
     notes: list = field(default_factory=list)  # what the engine said along the way (phases, resume remarks)
     earlier_run: str = ""  # where a fresh run moved the earlier run's epoch files (lib_lora.ui.earlier_runs)
+    # project.toml as it was before Start saved this run's settings over it (b"" = there was none; None = not
+    # captured, the runner copies the file as it finds it): it goes with the earlier run into runs/<stamp>/
+    earlier_settings: bytes | None = field(default=None, repr=False)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None

@@ -91,7 +91,7 @@ def make_runner(host):
         with host.training_session(job) as backend:
             dataset = build_dataset(job.config)
             if job.config is not None:  # a fresh run: the earlier run's epochs are moved aside, not overwritten
-                moved = set_aside_earlier_run(job.config, host.projects_root() / job.project)
+                moved = set_aside_earlier_run(job.config, host.projects_root() / job.project, job.earlier_settings)
                 if moved:
                     job.earlier_run = moved
                     job.notes.append(moved)

@@ -131,9 +131,11 @@ class TrainService:
         cfg, warnings = self.checked_config(project, values, config)
         from ..train.config_io import save_toml
 
+        # the earlier run's settings: the runner moves that run aside later (when the job runs) and keeps a copy
+        earlier = project.settings_file.read_bytes() if project.settings_file.is_file() else b""
         save_toml(cfg, project.settings_file)
         job = Job(project=project.name, config=cfg, meta=dict(project.meta.__dict__),
-                  warnings=warnings)
+                  warnings=warnings, earlier_settings=earlier)
         return self.queue.submit(job)
 
     def check_idle_for(self, what: str) -> None:

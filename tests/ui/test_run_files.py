@@ -90,3 +90,41 @@ def test_each_epoch_gets_its_first_preview_as_the_card_picture_and_a_users_own_i
     assert sorted(p.name for p in out.iterdir()) == ["p-01.json", "p-01.preview.png", "p-01.safetensors",
                                                      "p-02.json", "p-02.preview.png", "p-02.safetensors"]
     assert job.status != "failed"
+
+
+class _ListQueue:
+    """The queue's two calls Start makes; the test runs each submitted job itself, in order."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def jobs(self):
+        return []
+
+    def submit(self, job):
+        self.submitted.append(job)
+        return job
+
+
+def test_a_fresh_run_keeps_a_copy_of_the_earlier_runs_settings_beside_its_moved_epochs(sd1_diffusers_dir, tmp_path):
+    """Start saves the new settings into project.toml before the run moves the earlier run aside: the earlier
+    run's project.toml must reach runs/<stamp>/ as it was, and project.toml then holds the new run's settings."""
+    from lib_lora.ui.service import TrainService
+    from lib_lora.ui.standalone import StandaloneHost
+
+    host = StandaloneHost(sd1_diffusers_dir, tmp_path / "projects", device="cpu")
+    project = projects.create_project(host.projects_root(), "p", repeats=1)
+    make_images(project.dataset / "1_p", 2, captions=["sks, red"])
+    queue = _ListQueue()
+    service = TrainService(host, queue=queue)
+    runner = make_runner(host)
+
+    runner(service.start("p", {**fields.defaults(), **TINY, "max_train_epochs": 2}))
+    earlier_settings = project.settings_file.read_bytes()
+    assert b"max_train_epochs = 2" in earlier_settings
+    runner(service.start("p", {**fields.defaults(), **TINY, "max_train_epochs": 1}))
+
+    moved = next((project.path / "runs").iterdir())
+    assert (moved / "p-02.safetensors").is_file()
+    assert (moved / "project.toml").read_bytes() == earlier_settings  # a copy of the earlier run's settings
+    assert b"max_train_epochs = 1" in project.settings_file.read_bytes()  # the project keeps the new run's
