@@ -130,3 +130,28 @@ def test_engine_on_the_webui_path_imports_no_diffusers():
         "validate(TrainConfig(), need_model_path=False)\n"
     )
     assert_imports_none_of(code, ("diffusers",), timeout=180)
+
+
+def test_stop_while_caching_on_the_webui_model_trains_nothing_and_hands_it_back(tmp_path, checkpoints):
+    """The tab's Interrupt during latent caching: ends after the current VAE batch, not after the whole dataset."""
+    from lib_lora.backends import LdmBackend
+
+    class StopsAfterFirstEncode(LdmBackend):
+        encodes = 0
+
+        def encode_images(self, pixels, *, sample=True, generator=None):
+            out = super().encode_images(pixels, sample=sample, generator=generator)
+            StopsAfterFirstEncode.encodes += 1
+            control.stop()
+            return out
+
+    data_dir = make_dataset(tmp_path / "img", {"mychar": 2, "style": 1}, per_concept=2)  # 4 images: 2 VAE batches
+    model = _webui_model("sd1", checkpoints)
+    before = model_snapshot(model)
+    control = TrainControl()
+    events = run_training(_cfg(tmp_path, data_dir, cache_latents_to_disk=True, flip_aug=False),
+                          StopsAfterFirstEncode(model, device="cpu"), control)
+    assert isinstance(events[-1], Interrupted) and "caching latents" in events[-1].message
+    assert StopsAfterFirstEncode.encodes == 1 and len(list(data_dir.rglob("*.latents.npz"))) == 2
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    assert same_model(before, model_snapshot(model))
