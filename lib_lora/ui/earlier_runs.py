@@ -85,11 +85,15 @@ def set_aside_earlier_run(cfg, project_folder: str | Path, earlier_settings: byt
                 raise BadInput(f"could not move the earlier run's {src} to {dest}: {exc.strerror or exc}; nothing "
                                f"was trained (files already moved are in {target})") from exc
     _copy_settings(Path(project_folder) / SETTINGS_FILE, target, earlier_settings)
-    epochs = sum(1 for p in found["lora"] if p.suffix == ".safetensors")
+    loras = [p for p in found["lora"] if p.suffix == ".safetensors"]
+    steps = sum(1 for p in loras if re.search(r"-step\d+$", p.stem))
+    epochs = len(loras) - steps
     parts = []
+    cards = " with their cards" if len(found["lora"]) > len(loras) else ""
     if epochs:
-        cards = " with their cards" if len(found["lora"]) > epochs else ""
-        parts.append(f"{epochs} epoch file{'s' if epochs != 1 else ''}{cards}")
+        parts.append(f"{epochs} epoch file{'s' if epochs != 1 else ''}" + ("" if steps else cards))
+    if steps:
+        parts.append(f"{steps} step file{'s' if steps != 1 else ''}{cards}")
     if found["samples"]:
         parts.append(f"{len(found['samples'])} preview image{'s' if len(found['samples']) != 1 else ''}")
     if found["logs"]:

@@ -128,3 +128,17 @@ def test_a_fresh_run_keeps_a_copy_of_the_earlier_runs_settings_beside_its_moved_
     assert (moved / "p-02.safetensors").is_file()
     assert (moved / "project.toml").read_bytes() == earlier_settings  # a copy of the earlier run's settings
     assert b"max_train_epochs = 1" in project.settings_file.read_bytes()  # the project keeps the new run's
+
+
+def test_the_moved_aside_sentence_counts_epoch_and_step_files_apart(tmp_path):
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.ui.earlier_runs import set_aside_earlier_run
+
+    out = tmp_path / "lora"
+    out.mkdir()
+    for stem in ("p-01", "p-02", "p-step00000004", "p"):
+        (out / f"{stem}.safetensors").write_bytes(b"x")
+    cfg = TrainConfig(train_data_dir=str(tmp_path / "data"), output_dir=str(out), output_name="p")
+    said = set_aside_earlier_run(cfg, tmp_path / "project", b"")
+    assert said.startswith("the earlier run's 3 epoch files and 1 step file were moved to ")
+    assert not list(out.iterdir()) and not list((tmp_path / "project" / "runs").rglob("project.toml"))  # none before
