@@ -147,7 +147,8 @@ def _install_interrupt(control):
         if control.stop_requested:
             raise KeyboardInterrupt
         control.stop()
-        print("\nstopping after this step (saving state); press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
+        print("\nstopping after this step, VAE batch or preview image (the state is saved once training has begun); "
+              "press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
 
     try:
         return signal.signal(signal.SIGINT, handler)

@@ -161,3 +161,28 @@ def test_ctrl_c_once_stops_after_the_step_twice_at_once():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_while_caching_latents_stops_after_the_vae_batch(tmp_path, sd1_diffusers_dir, data_dir, capsys, monkeypatch):
+    """A real SIGINT (the CLI's own handler) during the first VAE batch: caching ends there, nothing is trained."""
+    import signal
+
+    from lib_lora.backends import DiffusersBackend
+
+    real = DiffusersBackend.encode_images
+    calls = []
+
+    def encode_then_ctrl_c(self, pixels, **kw):
+        calls.append(pixels.shape[0])
+        out = real(self, pixels, **kw)
+        signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(DiffusersBackend, "encode_images", encode_then_ctrl_c)
+    code = main(_args(sd1_diffusers_dir, data_dir, tmp_path / "out", "--max_train_epochs", "1"))
+    out = capsys.readouterr().out
+    assert code == 130, out
+    assert calls == [2]  # 3 images in batches of 2: the second batch never ran
+    assert "stopped while caching latents (2 of 3 images cached, held in memory only, so not kept); nothing was " \
+           "trained in this run; start again to train" in out
+    assert not list((tmp_path / "out").glob("*.safetensors"))
