@@ -142,3 +142,25 @@ def test_the_moved_aside_sentence_counts_epoch_and_step_files_apart(tmp_path):
     said = set_aside_earlier_run(cfg, tmp_path / "project", b"")
     assert said.startswith("the earlier run's 3 epoch files and 1 step file were moved to ")
     assert not list(out.iterdir()) and not list((tmp_path / "project" / "runs").rglob("project.toml"))  # none before
+
+
+def test_interrupt_during_latent_caching_says_so_and_leaves_no_epoch_file(standalone, monkeypatch):
+    from lib_lora.backends import DiffusersBackend
+    from lib_lora.ui.jobs import INTERRUPTED, JobQueue
+
+    host, project, service = standalone
+    cfg = service.make_config(project, {**fields.defaults(), **TINY, "cache_latents": True, "max_train_epochs": 1,
+                                               "train_batch_size": 1})  # 2 images: 2 VAE batches
+    job = Job(project=project.name, config=cfg)
+    real = DiffusersBackend.encode_images
+
+    def encode_then_interrupt(self, pixels, **kw):
+        out = real(self, pixels, **kw)
+        job.control.stop()  # the tab's Interrupt button
+        return out
+
+    monkeypatch.setattr(DiffusersBackend, "encode_images", encode_then_interrupt)
+    JobQueue(make_runner(host)).run_one(job)
+    assert job.status == INTERRUPTED and job.step == 0 and not job.files
+    assert job.message.startswith("stopped while caching latents (1 of 2 images cached")
+    assert not list(host.lora_output_dir("p").glob("*.safetensors"))
