@@ -96,3 +96,15 @@ def test_stop_during_previews_ends_after_the_current_image_with_the_epoch_saved(
     state = tmp_path / "out" / "tiny-state"
     assert last.state_path == str(state) and state.is_dir()
     assert all(same_model(before[n], model_snapshot(components[n])) for n in before)
+
+
+def test_stop_during_step_previews_ends_after_the_current_image_at_that_step(tmp_path, components):
+    data_dir = make_dataset(tmp_path / "img", {"mychar": 1}, per_concept=2)  # 2 images, batch 2: a step per epoch
+    control = TrainControl()
+    backend = _stopping_backend(components, control, samples_before_stop=1)
+    cfg = _cfg(tmp_path, data_dir, max_train_epochs=3, sample_every_n_steps=1,
+               sample_prompts=("mychar --w 64 --h 64 --s 2", "mychar --w 64 --h 64 --s 3"))
+    events = run_training(cfg, backend, control)
+    assert type(backend).samples == 1
+    assert [len(e.paths) for e in events if isinstance(e, Sample)] == [1]
+    assert isinstance(events[-1], Interrupted) and events[-1].step == 1 and (tmp_path / "out" / "tiny-state").is_dir()
