@@ -71,6 +71,19 @@ class Dist:
         td.all_reduce(t)
         return float(t.item()) / self.world
 
+    def any_true(self, flag: bool) -> bool:
+        """True on every process when it is true on any. Ctrl-C reaches each process at its own moment: one that
+        stopped alone would leave the others waiting in the next step's all-reduce for ever."""
+        if not self.active:
+            return flag
+        import torch.distributed as td
+
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        if td.get_backend() == "nccl":
+            t = t.cuda()
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def broadcast_parameters(self, params: list[torch.Tensor]) -> None:
         """Start every process from the main process's initial weights."""
         if not self.active:

@@ -113,8 +113,9 @@ class Run(StepOutputs, TrainStep):
             if (cfg.cache_latents or cfg.cache_latents_to_disk) and not cfg.dry_run:
                 yield Note("encoding every image once (cache_latents)" + (" to .npz files beside the images" if cfg.cache_latents_to_disk else ""))
                 encoder_id = str(getattr(self.backend, "vae_id", self.backend.arch))
-                cache = self.data.cache_latents(self._seeded_encoder(seed), encoder_id,
-                                                should_stop=lambda: self.control.stop_requested)
+                # several processes cache their own shares: a stop waits for the first step, where they agree
+                stop = None if self.dist.active else (lambda: self.control.stop_requested)
+                cache = self.data.cache_latents(self._seeded_encoder(seed), encoder_id, should_stop=stop)
                 if getattr(cache, "stopped", False):  # no step ran: nothing to save; the model goes back in finally
                     yield Interrupted.while_caching(self.state.global_step, cfg.resume, cache)
                     return
@@ -241,7 +242,7 @@ class Run(StepOutputs, TrainStep):
             for start in range(st.batches_done, len(specs), accum):
                 if st.global_step >= total:
                     break
-                if self.control.stop_requested:
+                if self.dist.any_true(self.control.stop_requested):  # every process stops at the same step
                     yield from self._interrupt(epoch)
                     return
                 chunk = specs[start : start + accum]
@@ -261,7 +262,7 @@ class Run(StepOutputs, TrainStep):
                 yield from self._after_step(epoch)
                 if self.control.pause_requested:
                     yield from self._pause()
-                if self.control.stop_requested:
+                if self.dist.any_true(self.control.stop_requested):
                     yield from self._interrupt(epoch)
                     return
             last = epoch == self.plan.epochs or st.global_step >= total
