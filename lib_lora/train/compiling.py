@@ -49,7 +49,8 @@ def first_line(exc: BaseException) -> str:
     return f"{names}: {line}" if line else names
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory on any device (CUDA raises a RuntimeError subclass, the CPU a MemoryError)."""
     return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
@@ -107,7 +108,7 @@ class CompiledForward:
             with self._limits():
                 out = self._compiled(noisy, t, cond)
         except Exception as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise
             self.failure = first_line(exc)
             self._compiled = None

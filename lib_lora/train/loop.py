@@ -21,7 +21,7 @@ import torch
 from ..errors import BadInput
 from . import dist as dist_mod
 from .checkpoints import StepOutputs
-from .compiling import CompiledForward, bucket_count, compile_notes
+from .compiling import CompiledForward, bucket_count, compile_notes, is_oom
 from .config import TrainConfig, effective_lrs, sample_prompt_lines
 from .events import (
     Continued, Done, EpochEnd, Event, Failed, Interrupted, Note, Paused, Sample, Saved, Started, StepEnd,
@@ -35,7 +35,7 @@ from .prompts import parse_prompt
 from .state import TrainState, load_state, save_state, settings_digest
 from .textcond import TextConditioner
 from .steps import plan_from_dataset
-from .trainstep import NonFiniteLoss, TrainStep, is_oom, step_seed
+from .trainstep import NonFiniteLoss, TrainStep, step_seed
 from .validate import errors_of, raise_for_problems, validate
 
 __all__ = ["train", "Run", "step_seed", "call_with_known", "is_oom", "NonFiniteLoss"]
@@ -239,10 +239,12 @@ class Run(StepOutputs, TrainStep):
             yield from self._validate(0)
         for epoch in range(st.epochs_done + 1, self.plan.epochs + 1):
             specs = self.dist.shard(list(self.data.epoch_batches(epoch)))
-            for start in range(st.batches_done, len(specs), accum):
+            first = st.batches_done
+            for start in range(first, len(specs), accum):
                 if st.global_step >= total:
                     break
-                if self.dist.any_true(self.control.stop_requested):  # every process stops at the same step
+                # every process stops at the same step; after the first pass the check below has just answered
+                if start == first and self.dist.any_true(self.control.stop_requested):
                     yield from self._interrupt(epoch)
                     return
                 chunk = specs[start : start + accum]

@@ -30,10 +30,6 @@ def step_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 class TrainStep:
     """The step's computation, as methods of the run (`loop.Run`)."""
 

@@ -35,10 +35,6 @@ class Problem:
         return f"{self.severity}: {self.field + ': ' if self.field else ''}{self.message}"
 
 
-# optimizer -> the module it needs (None: torch or transformers, always there)
-OPTIMIZER_PACKAGES = NAMED_OPTIMIZERS
-
-
 def _torch_without_cuda() -> bool:
     """True when torch is loaded and sees no CUDA device. Without torch loaded (the tab at page load) nothing is
     said here; the optimizer's own check speaks when the run starts."""
@@ -59,15 +55,14 @@ def _optimizer_problems(cfg: TrainConfig) -> list[Problem]:
     if package and importlib.util.find_spec(package) is None:
         out.append(Problem("optimizer_type", f"{name} needs the '{package}' package ({pip_hint(package)})" if name in NAMED_OPTIMIZERS
                            else f"{name}: module {package} is not installed ({pip_hint(package)}?)"))
-    elif name not in NAMED_OPTIMIZERS and (is_class_path(name) or "torch" in sys.modules):
-        if "torch" in sys.modules:
-            from .optim import resolve_optimizer_class
+    elif name not in NAMED_OPTIMIZERS and "torch" in sys.modules:
+        from .optim import resolve_optimizer_class
 
-            try:
-                resolve_optimizer_class(name)
-            except BadInput as exc:
-                out.append(Problem("optimizer_type", str(exc).removeprefix("optimizer_type ")))
-    elif name not in NAMED_OPTIMIZERS and not name.isidentifier():
+        try:
+            resolve_optimizer_class(name)
+        except BadInput as exc:
+            out.append(Problem("optimizer_type", str(exc).removeprefix("optimizer_type ")))
+    elif name not in NAMED_OPTIMIZERS and not is_class_path(name) and not name.isidentifier():
         out.append(Problem("optimizer_type", unknown_message(name).removeprefix("optimizer_type ")))
     if adapts_its_own_rate(name):
         low = [f"{what} {lr:g}" for what, lr in zip(("unet", "text encoder"), effective_lrs(cfg)) if 0 < lr <= 0.1]
