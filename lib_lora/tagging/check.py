@@ -281,9 +281,7 @@ def check_dataset(
     for directory, repeats in concept_dirs:
         concept = Concept(_relative(directory, root), repeats)
         concepts.append(concept)
-        found, concept_captions = _scan_concept(directory, root, ext, findings)
-        concept.images = len(found)
-        concept.captions = sum(1 for img in found if img.with_suffix(ext) in concept_captions)
+        found, concept_captions = _scan_concept(directory, root, ext, findings)  # counted after the image checks
         concept_files[concept.folder] = (found, set(concept_captions))
         images += found
         captions.update(concept_captions)

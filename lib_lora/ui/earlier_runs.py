@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ..errors import BadInput
 from ..fsutil import atomic_write_bytes
+from .projects import SETTINGS_FILE
 
 RUNS_DIR = "runs"
-SETTINGS_FILE = "project.toml"  # lib_lora.ui.projects.SETTINGS_FILE
 
 
 def _epoch_stems(folder: Path, name: str) -> set[str]:
